@@ -1,0 +1,224 @@
+"""DoRA layer cost, side by side with PEFT LoRA and PEFT DoRA, in one run.
+
+    python bench/dora_layer.py                 # the full table (fp32 on CPU; bf16 on a GPU)
+    python bench/dora_layer.py --quick         # one small configuration, for a smoke run
+
+Per configuration (a stack of 4 adapted Linear layers of the given shape, alternating in->out and out->in
+when the shape is not square): the median train-step time (forward + backward + AdamW step) of PEFT DoRA
+and of ours, each interleaved with PEFT LoRA in one process so that they share the machine's state; the eval-mode
+forward of PEFT LoRA, ours unmerged, ours merged and a plain Linear stack; and the peak memory of one train
+step, each method measured in a fresh process. Ratios are to PEFT LoRA (eval: merged is to plain Linear).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dora import apply_dora, merge_dora  # noqa: E402
+
+LAYERS = 4
+TRAIN_METHODS = ("peft_lora", "peft_dora", "ours")
+EVAL_METHODS = ("plain", "peft_lora", "ours", "ours_merged")
+
+
+def stack(d_in: int, d_out: int, device, dtype) -> nn.Sequential:
+    torch.manual_seed(0)
+    dims = [(d_in, d_out) if i % 2 == 0 else (d_out, d_in) for i in range(LAYERS)]
+    if d_in != d_out and LAYERS % 2:
+        raise ValueError("a non-square stack needs an even number of layers")
+    if d_in == d_out:
+        dims = [(d_in, d_out)] * LAYERS
+    return nn.Sequential(*[nn.Linear(a, b, bias=False) for a, b in dims]).to(device=device, dtype=dtype)
+
+
+def build(method: str, d_in: int, d_out: int, rank: int, device, dtype) -> nn.Module:
+    model = stack(d_in, d_out, device, dtype)
+    if method == "plain":
+        return model
+    if method.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[str(i) for i in range(LAYERS)],
+                            use_dora=method == "peft_dora", lora_dropout=0.0)
+        return get_peft_model(model, config)
+    apply_dora(model, [{"match": r"\d+", "rank": rank, "alpha": 2 * rank}], verbose=False)
+    with torch.no_grad():  # non-zero B, as after some training (PEFT's norm cost does not depend on it)
+        for m in model:
+            m.lora_B.normal_(0, 1e-3)
+    if method == "ours_merged":
+        merge_dora(model)
+    return model
+
+
+def make_step(model: nn.Module, x: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def make_eval(model: nn.Module, x: torch.Tensor):
+    model.eval()
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+    return forward
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict, device, warmup: int, reps: int, budget_s: float = 0.0) -> dict:
+    """Median time per call; the methods take turns in every round (in rotating order), so that drifts of the
+    machine's speed touch all of them alike. With a budget, more rounds are run (up to 50) until it is spent."""
+    slowest = 0.0
+    for fn in fns.values():
+        for _ in range(warmup):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+        slowest = max(slowest, time.perf_counter() - t)
+    if budget_s:
+        reps = max(reps, min(50, int(budget_s / (slowest * len(fns)))))
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for i in range(reps):
+        # rotate who goes first: a method that follows a memory-hungry one runs on a colder cache
+        for k in names[i % len(names):] + names[: i % len(names)]:
+            fn = fns[k]
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def peak_memory_child(method, d_in, d_out, rank, tokens, device_name, dtype_name) -> float:
+    """Run in a fresh process: MB of peak memory one train step adds above the state before it."""
+    device, dtype = torch.device(device_name), getattr(torch, dtype_name)
+    model = build(method, d_in, d_out, rank, device, dtype)
+    x = torch.randn(tokens, d_in, device=device, dtype=dtype)
+    step = make_step(model, x)
+    step()  # warm-up: optimizer state, caches
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter
+    before = _rss_kb("VmRSS")
+    step()
+    return (_rss_kb("VmHWM") - before) / 1024
+
+
+def peak_memory(method, d_in, d_out, rank, tokens, device, dtype) -> float:
+    # Big allocations are mmapped and unmapped on free, so RSS follows the live tensors on CPU.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    args = json.dumps([method, d_in, d_out, rank, tokens, str(device), str(dtype).replace("torch.", "")])
+    out = subprocess.run([sys.executable, __file__, "--memory-child", args], env=env, check=True,
+                         capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run_config(d_in, d_out, rank, tokens, device, dtype, warmup, reps, budget_s, measure_memory=True) -> dict:
+    x = torch.randn(tokens, d_in, device=device, dtype=dtype)
+    train = {m: make_step(build(m, d_in, d_out, rank, device, dtype), x) for m in TRAIN_METHODS}
+    # Each DoRA is timed against LoRA in its own interleaved pair: PEFT DoRA's large temporaries would
+    # otherwise leave a cold cache and a fragmented heap to whichever method runs after it.
+    t_train = time_interleaved({m: train[m] for m in ("peft_lora", "ours")}, device, warmup, reps, budget_s)
+    paired = time_interleaved({m: train[m] for m in ("peft_lora", "peft_dora")}, device, warmup, reps, budget_s)
+    t_train["peft_dora"] = paired["peft_dora"] * t_train["peft_lora"] / paired["peft_lora"]
+    del train
+    evals = {m: make_eval(build(m, d_in, d_out, rank, device, dtype), x) for m in EVAL_METHODS}
+    t_eval = time_interleaved(evals, device, warmup, reps, budget_s)
+    del evals
+    mem = {m: peak_memory(m, d_in, d_out, rank, tokens, device, dtype) for m in TRAIN_METHODS} if measure_memory \
+        else {}
+    return {"shape": f"{d_in}x{d_out}", "rank": rank, "tokens": tokens, "train_s": t_train, "eval_s": t_eval,
+            "peak_mb": mem}
+
+
+def print_table(rows, device, dtype) -> None:
+    print(f"\nDoRA layer benchmark: {LAYERS} stacked layers, {device.type} {str(dtype).replace('torch.', '')}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("train = forward + backward + AdamW step, median; ratios are to PEFT LoRA timed in the same interleaved run;"
+          "\nmemory = peak extra MB of one train step, each method in a fresh process")
+    head = (f"{'shape':>10} {'rank':>5} {'tokens':>6} | {'LoRA s':>7} {'PEFT DoRA':>9} {'ours':>6} | "
+            f"{'eval ours':>9} {'merged/plain':>12} | {'mem LoRA':>8} {'PEFT DoRA':>9} {'ours':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        t, e, m = r["train_s"], r["eval_s"], r["peak_mb"]
+        mem = (f"{m['peft_lora']:>8.0f} {m['peft_dora'] / m['peft_lora']:>9.2f} {m['ours'] / m['peft_lora']:>6.2f}"
+               if m else f"{'-':>8} {'-':>9} {'-':>6}")
+        print(f"{r['shape']:>10} {r['rank']:>5} {r['tokens']:>6} | {t['peft_lora']:>7.3f} "
+              f"{t['peft_dora'] / t['peft_lora']:>9.2f} {t['ours'] / t['peft_lora']:>6.2f} | "
+              f"{e['ours'] / e['peft_lora']:>9.2f} {e['ours_merged'] / e['plain']:>12.2f} | {mem}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one small configuration")
+    parser.add_argument("--reps", type=int, default=5, help="at least this many timed rounds")
+    parser.add_argument("--budget", type=float, default=30.0,
+                        help="seconds of timed rounds per configuration and phase (more rounds for fast ones)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(peak_memory_child(*json.loads(args.memory_child)))
+        return
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.quick:
+        configs = [(512, 512, 16, 512)]
+        args.budget = min(args.budget, 5.0)
+    else:
+        configs = [(d_in, d_out, rank, tokens) for (d_in, d_out) in [(2048, 2048), (2048, 5504)]
+                   for tokens in (512, 4096) for rank in (16, 128)]
+    rows = []
+    for d_in, d_out, rank, tokens in configs:
+        print(f"measuring {d_in}x{d_out} rank {rank} tokens {tokens} ...", file=sys.stderr, flush=True)
+        rows.append(run_config(d_in, d_out, rank, tokens, device, dtype, args.warmup, args.reps, args.budget,
+                               measure_memory=not args.no_memory))
+    print_table(rows, device, dtype)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Saving and loading DoRA adapters: our own format (nothing lost) and PEFT's (for interop).
+
+Our format, a directory with
+    dora_config.json          the rules and train_fully patterns, every adapted module's settings
+    dora_adapter.safetensors  {module}.lora_A / .lora_B / .magnitude, and every train_fully parameter
+Files are written to a temporary name and renamed, so a crash never leaves a half-written adapter.
+
+PEFT's format (`export_peft` / `import_peft`): adapter_config.json + adapter_model.safetensors, readable by
+`peft.PeftModel.from_pretrained(base, dir)` with use_dora. Magnitude-only modules are exported as rank-1 DoRA
+modules with A = B = 0, which PEFT evaluates to exactly (m / ||W0||) W0 x.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .layer import DoRALinear
+from .targeting import DoRARule, DoRASpec, apply_dora, dora_modules, get_spec, train_fully_parameters
+
+CONFIG_NAME = "dora_config.json"
+WEIGHTS_NAME = "dora_adapter.safetensors"
+FORMAT = "dora-vl-adapter"
+FORMAT_VERSION = 1
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+PathLike = Union[str, os.PathLike]
+
+
+class AdapterError(ValueError):
+    """An adapter directory that does not fit the model, or is not an adapter of the expected kind."""
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, data) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+    _write_atomic(path, write)
+
+
+def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
+
+
+def _module_settings(module: DoRALinear) -> dict:
+    return {
+        "in_features": module.in_features, "out_features": module.out_features, "rank": module.rank,
+        "alpha": module.alpha, "scaling": module.scaling, "rslora": module.rslora,
+        "magnitude_only": module.magnitude_only, "dropout": module.dropout,
+        "dropout_mode": module.dropout_mode, "detach_norm": module.detach_norm,
+    }
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor an adapter holds: A, B and m of each DoRA module, and every train_fully parameter."""
+    state = {}
+    for name, module in dora_modules(model).items():
+        for part in ("lora_A", "lora_B", "magnitude"):
+            p = getattr(module, part)
+            if p is not None:
+                state[f"{name}.{part}"] = p
+    state.update(train_fully_parameters(model))
+    return state
+
+
+def save_adapter(model: nn.Module, path: PathLike, metadata: Optional[dict] = None,
+                 state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Write the adapter of a model adapted by apply_dora. `state_dict` overrides the tensors (for example
+    gathered from DeepSpeed ZeRO-3 partitions); by default they are read from the model."""
+    path = Path(path)
+    modules = dora_modules(model)
+    state = dict(adapter_state_dict(model) if state_dict is None else state_dict)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": get_spec(model).to_dict(),
+        "modules": {name: _module_settings(m) for name, m in modules.items()},
+        "train_fully_parameters": sorted(train_fully_parameters(model)),
+        "metadata": metadata or {},
+    }
+    _write_tensors(path / WEIGHTS_NAME, state)
+    _write_json(path / CONFIG_NAME, config)
+    return path
+
+
+def read_adapter_config(path: PathLike) -> dict:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        hint = " (it holds a PEFT adapter: use import_peft)" if (Path(path) / PEFT_CONFIG_NAME).is_file() else ""
+        raise AdapterError(f"{file} not found{hint}")
+    with open(file) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT:
+        raise AdapterError(f"{file}: format is {config.get('format')!r}, expected {FORMAT!r}")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterError(f"{file}: format_version {config['format_version']} is newer than this library's "
+                           f"{FORMAT_VERSION}")
+    return config
+
+
+def load_adapter(model: nn.Module, path: PathLike, *, verbose: bool = False) -> nn.Module:
+    """Load an adapter written by save_adapter into `model`.
+
+    A model without DoRA modules is adapted first with the saved rules; a model that already has them must
+    have the same modules with the same ranks. Every tensor in the file must find its parameter (same name,
+    same shape) and every adapter parameter of the model must be in the file.
+    """
+    path = Path(path)
+    config = read_adapter_config(path)
+    spec = DoRASpec.from_dict(config["spec"])
+    if not dora_modules(model):
+        apply_dora(model, spec.rules, spec.train_fully, verbose=verbose)
+    modules = dora_modules(model)
+    saved = config["modules"]
+    if set(modules) != set(saved):
+        only_model = sorted(set(modules) - set(saved))[:5]
+        only_file = sorted(set(saved) - set(modules))[:5]
+        raise AdapterError(f"{path}: DoRA modules differ from the model's (only in the model: {only_model}; "
+                           f"only in the adapter: {only_file})")
+    for name, module in modules.items():
+        want = saved[name]
+        if (module.rank, module.magnitude_only, module.in_features, module.out_features) != (
+                want["rank"], want["magnitude_only"], want["in_features"], want["out_features"]):
+            raise AdapterError(f"{path}: module {name!r} is {_module_settings(module)} in the model but "
+                               f"{want} in the adapter")
+        if module.merged:
+            raise AdapterError(f"module {name!r} is merged; unmerge the model before loading an adapter")
+        if module.scaling != want["scaling"]:
+            raise AdapterError(f"{path}: module {name!r} has scaling {module.scaling} in the model but "
+                               f"{want['scaling']} in the adapter")
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    expected = adapter_state_dict(model)
+    _copy_into(expected, tensors, source=str(path / WEIGHTS_NAME))
+    for module in modules.values():
+        module.invalidate_norm_cache()
+    return model
+
+
+def _copy_into(params: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise AdapterError(f"{source}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                           f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    with torch.no_grad():
+        for name, param in params.items():
+            t = tensors[name]
+            if tuple(t.shape) != tuple(param.shape):
+                raise AdapterError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                   f"the model's parameter has {tuple(param.shape)}")
+            param.copy_(t)
+
+
+# ------------------------------------------------------------------------------------------------- PEFT
+def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write the adapter in PEFT's LoRA format with use_dora=True.
+
+    Ranks and scales per module go into rank_pattern / alpha_pattern (alpha written as scaling * rank, so
+    rsLoRA modules load with the right scale). Fully trained modules become modules_to_save; other fully
+    trained parameters (biases of frozen layers) are written under their base-model names, which PEFT loads
+    into the base model. Training-only settings (detach_norm, dropout_mode) have no PEFT equivalent; PEFT
+    always detaches the norm and uses the exact dropout form.
+    """
+    path = Path(path)
+    modules = dora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no DoRA modules to export")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas = {}, {}
+    for name, m in modules.items():
+        if m.merged:
+            raise AdapterError(f"module {name!r} is merged; unmerge before exporting")
+        key = PEFT_PREFIX + name
+        if m.magnitude_only:
+            dtype, device = m.magnitude.dtype, m.magnitude.device
+            tensors[f"{key}.lora_A.weight"] = torch.zeros(1, m.in_features, dtype=dtype, device=device)
+            tensors[f"{key}.lora_B.weight"] = torch.zeros(m.out_features, 1, dtype=dtype, device=device)
+            ranks[name], alphas[name] = 1, 1.0
+        else:
+            tensors[f"{key}.lora_A.weight"] = m.lora_A
+            tensors[f"{key}.lora_B.weight"] = m.lora_B
+            ranks[name], alphas[name] = m.rank, m.scaling * m.rank
+        tensors[f"{key}.lora_magnitude_vector"] = m.magnitude
+
+    fully = train_fully_parameters(model)
+    modules_to_save = []
+    for mod_name, mod in model.named_modules():
+        if not mod_name or isinstance(mod, DoRALinear) or dora_modules(mod):
+            continue
+        names = [f"{mod_name}.{n}" for n, _ in mod.named_parameters()]
+        if names and all(n in fully for n in names) and not any(mod_name.startswith(s + ".") for s in modules_to_save):
+            modules_to_save.append(mod_name)
+    for name, p in fully.items():
+        owner, _, leaf = name.rpartition(".")
+        peft_name = f"{owner}.base_layer.{leaf}" if owner in modules else name
+        tensors[PEFT_PREFIX + peft_name] = p
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "use_dora": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
+        "use_rslora": False,
+        "target_modules": sorted(modules),
+        "modules_to_save": modules_to_save or None,
+        "lora_dropout": max((m.dropout for m in modules.values()), default=0.0),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+    _write_tensors(path / PEFT_WEIGHTS_NAME, tensors)
+    _write_json(path / PEFT_CONFIG_NAME, config)
+    return path
+
+
+def _peft_pattern_value(patterns: Mapping[str, float], name: str, default):
+    # PEFT's rule: a pattern applies when re.match(rf"(.*\.)?({pattern})$", module_name).
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def import_peft(model: nn.Module, path: PathLike, *, verbose: bool = False) -> nn.Module:
+    """Adapt `model` (without DoRA modules) with a PEFT DoRA adapter directory and load its tensors."""
+    path = Path(path)
+    config_file = path / PEFT_CONFIG_NAME
+    if not config_file.is_file():
+        raise AdapterError(f"{config_file} not found")
+    with open(config_file) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA" or not config.get("use_dora"):
+        raise AdapterError(f"{config_file}: not a DoRA adapter (peft_type={config.get('peft_type')!r}, "
+                           f"use_dora={config.get('use_dora')!r})")
+    if config.get("fan_in_fan_out"):
+        raise AdapterError(f"{config_file}: fan_in_fan_out (Conv1D) adapters are not supported")
+    weights = path / PEFT_WEIGHTS_NAME
+    if weights.is_file():
+        raw = load_file(str(weights))
+    elif (path / "adapter_model.bin").is_file():
+        raw = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise AdapterError(f"{path}: no {PEFT_WEIGHTS_NAME} or adapter_model.bin")
+
+    # Split PEFT keys into adapter tensors per module and fully trained base-model parameters.
+    adapter: dict[str, dict[str, torch.Tensor]] = {}
+    others: dict[str, torch.Tensor] = {}
+    for key, t in raw.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise AdapterError(f"{weights}: unexpected key {key!r} (expected the {PEFT_PREFIX!r} prefix)")
+        name = key[len(PEFT_PREFIX):]
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", name)
+        if m:
+            part = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}.get(m.group(2), "magnitude")
+            adapter.setdefault(m.group(1), {})[part] = t
+        else:
+            others[name.replace(".base_layer.", ".")] = t
+    incomplete = [n for n, parts in adapter.items() if set(parts) != {"lora_A", "lora_B", "magnitude"}]
+    if incomplete:
+        raise AdapterError(f"{weights}: modules {incomplete[:5]} lack one of lora_A, lora_B, lora_magnitude_vector")
+
+    rslora = bool(config.get("use_rslora"))
+    groups: dict[tuple, list[str]] = {}
+    for name, parts in adapter.items():
+        rank = parts["lora_A"].shape[0]
+        alpha = _peft_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        groups.setdefault((rank, float(alpha)), []).append(name)
+    dropout = float(config.get("lora_dropout") or 0.0)
+    rules = [DoRARule(match="|".join(re.escape(n) for n in sorted(names)), rank=rank, alpha=alpha,
+                      dropout=dropout, rslora=rslora)
+             for (rank, alpha), names in groups.items()]
+    train_fully = [re.escape(n) for n in sorted(others)]
+    apply_dora(model, rules, train_fully, verbose=verbose)
+    params = dict(model.named_parameters())
+    targets = {f"{n}.{part}": getattr(module, part) for n, module in dora_modules(model).items()
+               for part in ("lora_A", "lora_B", "magnitude")}
+    targets.update({n: params[n] for n in others})
+    tensors = {f"{n}.{part}": t for n, parts in adapter.items() for part, t in parts.items()}
+    tensors.update(others)
+    _copy_into(targets, tensors, source=str(weights))
+    for module in dora_modules(model).values():
+        module.invalidate_norm_cache()
+    return model

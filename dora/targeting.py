@@ -1,0 +1,269 @@
+"""Declarative targeting: which modules get DoRA, which parameters train fully, everything else frozen.
+
+A rule is plain data, as a YAML config holds it:
+
+    rules:
+      - match: 'model\\.language_model\\.layers\\.\\d+\\..*_proj'   # regex, full match on the module name
+        rank: 128
+        alpha: 256
+        dropout: 0.05
+    train_fully:
+      - 'model\\.multi_modal_projector\\..*'                     # regex, full match on the parameter name
+
+The first rule whose pattern matches a module's qualified name wins. A rule that matches nothing, or that
+matches a module that is not an nn.Linear, is an error naming the rule; so is a `train_fully` pattern that
+matches no parameter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch.nn as nn
+
+from .layer import DROPOUT_MODES, DoRALinear
+
+
+class TargetingError(ValueError):
+    """A targeting rule or train_fully pattern that cannot be applied as written."""
+
+
+@dataclass(frozen=True)
+class DoRARule:
+    match: str
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    dropout_mode: str = "exact"
+    magnitude_only: bool = False
+    detach_norm: bool = True
+    rslora: bool = False
+
+    def __post_init__(self):
+        try:
+            re.compile(self.match)
+        except re.error as e:
+            raise TargetingError(f"rule {self.match!r}: invalid regular expression ({e})") from None
+        if self.dropout_mode not in DROPOUT_MODES:
+            raise TargetingError(f"rule {self.match!r}: dropout_mode must be one of {DROPOUT_MODES}")
+        if not self.magnitude_only and self.rank < 1:
+            raise TargetingError(f"rule {self.match!r}: rank must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TargetingError(f"rule {self.match!r}: dropout must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "DoRARule":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise TargetingError(f"rule {dict(data)}: unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
+        if "match" not in data:
+            raise TargetingError(f"rule {dict(data)}: missing 'match'")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def layer_options(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in ("match", "rank", "alpha")}
+
+
+RuleLike = Union[DoRARule, Mapping]
+
+
+@dataclass
+class RuleReport:
+    pattern: str
+    kind: str  # "dora", "magnitude-only" or "train fully"
+    matched: list[str] = field(default_factory=list)
+    trainable: int = 0
+
+
+@dataclass
+class DoRAReport:
+    """What apply_dora did: per rule the matched names and trainable parameters, and the totals."""
+
+    rows: list[RuleReport]
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def table(self) -> str:
+        lines = [f"{'pattern':<60} {'kind':<15} {'matched':>8} {'trainable':>14} {'share':>8}"]
+        for r in self.rows:
+            pattern = r.pattern if len(r.pattern) <= 60 else r.pattern[:57] + "..."
+            share = r.trainable / self.total if self.total else 0.0
+            lines.append(f"{pattern:<60} {r.kind:<15} {len(r.matched):>8} {r.trainable:>14,} {share:>8.3%}")
+        lines.append(f"{'total':<60} {'':<15} {'':>8} {self.trainable:>14,} {self.share:>8.3%}"
+                     f"   (of {self.total:,} parameters)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DoRASpec:
+    """The rules and train_fully patterns a model was adapted with (kept on the model for saving)."""
+
+    rules: tuple[DoRARule, ...]
+    train_fully: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"rules": [r.to_dict() for r in self.rules], "train_fully": list(self.train_fully)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "DoRASpec":
+        return cls(tuple(_as_rule(r) for r in data.get("rules", [])), tuple(data.get("train_fully", [])))
+
+
+SPEC_ATTRIBUTE = "dora_spec"
+
+
+def _as_rule(rule: RuleLike) -> DoRARule:
+    return rule if isinstance(rule, DoRARule) else DoRARule.from_dict(rule)
+
+
+def _numel(p) -> int:
+    # DeepSpeed ZeRO-3 partitions parameters: the full size is in ds_numel.
+    return getattr(p, "ds_numel", p.numel())
+
+
+def dora_modules(model: nn.Module) -> dict[str, DoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, DoRALinear)}
+
+
+def apply_dora(
+    model: nn.Module,
+    rules: Sequence[RuleLike],
+    train_fully: Iterable[str] = (),
+    *,
+    verbose: bool = True,
+) -> DoRAReport:
+    """Replace the nn.Linear modules the rules select by DoRALinear, in place, and set what trains.
+
+    Everything not selected by a rule (adapter parameters) or by a `train_fully` pattern is frozen.
+    Returns a DoRAReport (printed when `verbose`).
+    """
+    rules = [_as_rule(r) for r in rules]
+    train_fully = [str(p) for p in train_fully]
+    if not rules and not train_fully:
+        raise TargetingError("apply_dora needs at least one rule or train_fully pattern")
+    if dora_modules(model):
+        raise TargetingError("the model already has DoRA modules; apply_dora was called twice")
+    compiled = [re.compile(r.match) for r in rules]
+    for pattern in train_fully:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise TargetingError(f"train_fully pattern {pattern!r}: invalid regular expression ({e})") from None
+
+    # 1. Decide, before changing anything, so that an error leaves the model untouched.
+    chosen: list[tuple[str, nn.Linear, int]] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue  # the model itself
+        for i, regex in enumerate(compiled):
+            if regex.fullmatch(name):
+                if not isinstance(module, nn.Linear):
+                    raise TargetingError(
+                        f"rule {i} (match={rules[i].match!r}) matches {name!r}, a {type(module).__name__}; "
+                        f"DoRA rules must select nn.Linear modules only")
+                chosen.append((name, module, i))
+                break
+    rows = [RuleReport(r.match, "magnitude-only" if r.magnitude_only else "dora") for r in rules]
+    for name, _, i in chosen:
+        rows[i].matched.append(name)
+    empty = [f"rule {i} (match={r.match!r})" for i, r in enumerate(rules) if not rows[i].matched]
+    if empty:
+        raise TargetingError(f"{', '.join(empty)} matched no module of {type(model).__name__}")
+
+    # The parameter names the model will have; train_fully patterns are checked against them up front.
+    chosen_names = {name for name, _, _ in chosen}
+    future = [n for n, _ in model.named_parameters()]
+    future += [f"{n}.{part}" for n, _, i in chosen for part in
+               (("magnitude",) if rules[i].magnitude_only else ("lora_A", "lora_B", "magnitude"))]
+    fully: dict[str, list[str]] = {}
+    for pattern in train_fully:
+        regex = re.compile(pattern)
+        names = [n for n in future if regex.fullmatch(n)]
+        if not names:
+            raise TargetingError(f"train_fully pattern {pattern!r} matched no parameter of {type(model).__name__}")
+        clash = [n for n in names if n.endswith(".weight") and n[: -len(".weight")] in chosen_names]
+        if clash:
+            raise TargetingError(f"train_fully pattern {pattern!r} matches the frozen base weight of DoRA "
+                                 f"module(s) {clash[:3]}; a module is either adapted or trained fully")
+        fully[pattern] = names
+
+    # 2. Freeze everything, then swap in DoRA layers (they take over the Linear's weight and bias).
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, linear, i in chosen:
+        rule = rules[i]
+        layer = DoRALinear.from_linear(linear, rule.rank, rule.alpha, **rule.layer_options())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for row in rows:
+        row.trainable = sum(_numel(p) for n in row.matched for p in _adapter_parameters(model.get_submodule(n)))
+
+    # 3. Parameters trained fully.
+    params = dict(model.named_parameters())
+    counted: set[str] = set()
+    for pattern, names in fully.items():
+        fresh = [n for n in names if n not in counted]
+        counted.update(names)
+        rows.append(RuleReport(pattern, "train fully", names, sum(_numel(params[n]) for n in fresh)))
+        for n in names:
+            params[n].requires_grad_(True)
+
+    for _, module in dora_modules(model).items():
+        for p in _adapter_parameters(module):
+            p.requires_grad_(True)
+    setattr(model, SPEC_ATTRIBUTE, DoRASpec(tuple(rules), tuple(train_fully)))
+    report = DoRAReport(rows, trainable=sum(_numel(p) for p in model.parameters() if p.requires_grad),
+                        total=sum(_numel(p) for p in model.parameters()))
+    if verbose:
+        print(report.table())
+    return report
+
+
+def _adapter_parameters(module: DoRALinear) -> list[nn.Parameter]:
+    return [p for p in (module.lora_A, module.lora_B, module.magnitude) if p is not None]
+
+
+def get_spec(model: nn.Module) -> DoRASpec:
+    spec = getattr(model, SPEC_ATTRIBUTE, None)
+    if spec is None:
+        raise TargetingError(f"{type(model).__name__} has no DoRA spec: call apply_dora (or load_adapter) first")
+    return spec
+
+
+def train_fully_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters the model's train_fully patterns select, by name."""
+    patterns = [re.compile(p) for p in get_spec(model).train_fully]
+    return {n: p for n, p in model.named_parameters() if any(r.fullmatch(n) for r in patterns)}
+
+
+def merge_dora(model: nn.Module) -> nn.Module:
+    """Merge every DoRA layer: W <- g * (W0 + sBA). Outputs are unchanged; unmerge_dora undoes it."""
+    for module in dora_modules(model).values():
+        module.merge()
+    return model
+
+
+def unmerge_dora(model: nn.Module) -> nn.Module:
+    for module in dora_modules(model).values():
+        module.unmerge()
+    return model
+
+
+def unload_dora(model: nn.Module) -> nn.Module:
+    """Merge and replace every DoRALinear by a plain nn.Linear: a model that no longer needs this library."""
+    for name, module in dora_modules(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_linear())
+    if hasattr(model, SPEC_ATTRIBUTE):
+        delattr(model, SPEC_ATTRIBUTE)
+    return model

@@ -1,0 +1,53 @@
+"""Small models and reference implementations shared by the DoRA tests."""
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = self.q_proj(x) * torch.sigmoid(self.v_proj(x))
+        return self.norm(x + self.down(torch.nn.functional.gelu(self.up(h))))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, d_in: int = 12, d: int = 16, hidden: int = 24, layers: int = 2, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.layers = nn.ModuleList(Block(d, hidden) for _ in range(layers))
+        self.projector = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.projector(h))
+
+
+def dense_dora(x, W, b, A, B, m, s, detach_norm=True):
+    """The DoRA formula written out densely (materialises W0 + sBA): the reference in float64."""
+    V = W + s * B @ A if A is not None else W
+    norm = V.norm(dim=1)
+    if detach_norm:
+        norm = norm.detach()
+    y = (m / norm) * (x @ V.t())
+    return y if b is None else y + b
+
+
+def perturb_adapter(model, scale: float = 0.3):
+    """Make B and m non-trivial so that tests exercise the whole formula, not the identity at init."""
+    from dora import dora_modules
+    with torch.no_grad():
+        for module in dora_modules(model).values():
+            if module.lora_B is not None:
+                module.lora_B.normal_(0, scale)
+            module.magnitude.mul_(1 + scale * torch.rand_like(module.magnitude))
+            module.invalidate_norm_cache()
