@@ -1,0 +1,100 @@
+"""python -m eval score TASK --pred PREDICTIONS.jsonl --gt GROUND_TRUTH [--out results.json]
+   python -m eval submit TASK --pred PREDICTIONS.jsonl --questions QUESTIONS --out FILE
+   python -m eval tasks
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .captions import METRICS as CAPTION_METRICS
+from .predictions import InputError
+from .submission import SUBMISSIONS
+from .tasks import TASKS, TaskOptions, score
+
+
+def _flatten(value: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for k, v in value.items():
+        rows += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return rows
+
+
+def _print_scores(result: dict) -> None:
+    cov = result["coverage"]
+    print(f"{result['task']}: {result['score']:.2f}  ({result['metric']})")
+    print(f"  coverage: {cov['predicted']}/{cov['expected']} questions"
+          + (f", {cov['missing']} MISSING: partial score" if cov["missing"] else "")
+          + (f", {cov['empty_answers']} empty answers" if cov["empty_answers"] else ""))
+    for key, value in _flatten(result["scores"]):
+        if isinstance(value, float):
+            # fractions are printed x100; caption metrics are already x100
+            shown = value if key.split(".")[-1] in CAPTION_METRICS else 100 * value
+            print(f"  {key:<40} {shown:8.2f}")
+        else:
+            print(f"  {key:<40} {value!s:>8}")
+
+
+def _tasks_table() -> str:
+    lines = [f"{'task':<13} {'split':<28} {'metric':<52} scored by"]
+    for t in TASKS.values():
+        lines.append(f"{t.name:<13} {t.split:<28} {t.metric:<52} {t.where}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description="Score benchmark predictions the way "
+                                     "the official scorers do, or write server submission files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="score a prediction file against ground truth")
+    s.add_argument("task", choices=sorted(TASKS))
+    s.add_argument("--pred", required=True, type=Path, help="predictions JSONL: {question_id, text} per line")
+    s.add_argument("--gt", required=True, type=Path, help="ground truth in the benchmark's official format")
+    s.add_argument("--out", type=Path, help="write the scores here as JSON")
+    s.add_argument("--allow-partial", action="store_true",
+                   help="score only the predicted questions when some are missing (coverage is reported)")
+    s.add_argument("--prediction-processing", choices=["evalai", "none"], default="evalai",
+                   help="vqav2/vizwiz: pass predictions through the EvalAI answer processor first, as LLaVA and "
+                        "lmms-eval do before submitting (default), or score the raw text (official scorer only)")
+    s.add_argument("--split", default="test", help="scienceqa: pid_splits split; coco_caption: Karpathy split")
+    s.add_argument("--splits", help="scienceqa: pid_splits.json when it is not next to problems.json")
+    s.add_argument("--circular", action="store_true",
+                   help="mmbench: expect predictions for every rotation (ids index + k*1000000)")
+    s.add_argument("--no-meteor", action="store_true", help="captions: skip METEOR (its java process)")
+
+    w = sub.add_parser("submit", help="write a submission file for a server-only split")
+    w.add_argument("task", choices=sorted(SUBMISSIONS))
+    w.add_argument("--pred", required=True, type=Path)
+    w.add_argument("--questions", required=True, type=Path,
+                   help="vqav2: v2_OpenEnded_mscoco_test2015_questions.json (or LLaVA's jsonl); vizwiz: test.json; "
+                        "mmbench: the test TSV")
+    w.add_argument("--out", required=True, type=Path)
+
+    sub.add_parser("tasks", help="list the tasks, their splits and metrics")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "tasks":
+            print(_tasks_table())
+        elif args.command == "score":
+            options = TaskOptions(allow_partial=args.allow_partial, prediction_processing=args.prediction_processing,
+                                  split=args.split, splits=args.splits, circular=args.circular,
+                                  meteor=not args.no_meteor)
+            result = score(args.task, args.pred, args.gt, options)
+            _print_scores(result)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=2) + "\n")
+        elif args.command == "submit":
+            info = SUBMISSIONS[args.task](args.pred, args.questions, args.out)
+            print(json.dumps(info))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,250 @@
+"""`python -m eval` end to end, per task, on small files in the official formats written by the tests."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def preds(path: Path, answers: dict) -> Path:
+    return write_jsonl(path, [{"question_id": k, "text": v} for k, v in answers.items()])
+
+
+def run(capsys, *argv) -> tuple[int, dict, str]:
+    code = main(list(map(str, argv)))
+    captured = capsys.readouterr()
+    out = {}
+    if "--out" in argv and code == 0:
+        out = json.loads(Path(argv[argv.index("--out") + 1]).read_text())
+    return code, out, captured.out + captured.err
+
+
+def vqa_annotations(tmp_path):
+    anns = [
+        {"question_id": 1, "image_id": 9, "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                                      for i, a in enumerate(["yes"] * 10)]},
+        {"question_id": 2, "image_id": 9, "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                                      for i, a in enumerate(["two"] * 3 + ["three"] * 7)]},
+    ]
+    return write_json(tmp_path / "v2_mscoco_val2014_annotations.json", {"annotations": anns})
+
+
+def test_vqav2_official_and_evalai_processing(tmp_path, capsys):
+    gt = vqa_annotations(tmp_path)
+    p = preds(tmp_path / "answers.jsonl", {1: "Yes", 2: "2"})
+    code, out, text = run(capsys, "score", "vqav2", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(100 * (1.0 + 0.9) / 2)
+    assert "vqav2: 95.00" in text
+    code, out, _ = run(capsys, "score", "vqav2", "--pred", p, "--gt", gt, "--prediction-processing", "none",
+                       "--out", tmp_path / "r.json")
+    assert out["score"] == pytest.approx(100 * (0.0 + 0.9) / 2)  # raw "Yes" vs ten identical "yes": 0
+
+
+def test_vizwiz_keys_by_image(tmp_path, capsys):
+    gt = write_json(tmp_path / "val.json", [
+        {"image": "VizWiz_val_00000000.jpg", "question": "what?", "answers": [{"answer": "unanswerable"}] * 10},
+        {"image": "VizWiz_val_00000001.jpg", "question": "what?",
+         "answers": [{"answer": "soup"}] * 4 + [{"answer": "can"}] * 6}])
+    p = preds(tmp_path / "a.jsonl", {"VizWiz_val_00000000": "unanswerable", "VizWiz_val_00000001.jpg": "soup"})
+    code, out, _ = run(capsys, "score", "vizwiz", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(100.0)
+
+
+def test_textvqa(tmp_path, capsys):
+    gt = write_json(tmp_path / "TextVQA_0.5.1_val.json", {"data": [
+        {"question_id": 34602, "image_id": "abc", "question": "what brand?", "answers": ["Nokia"] * 10}]})
+    p = preds(tmp_path / "a.jsonl", {34602: "nokia"})
+    code, out, _ = run(capsys, "score", "textvqa", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(100.0)
+
+
+def test_gqa(tmp_path, capsys):
+    gt = write_json(tmp_path / "testdev_balanced_questions.json",
+                    {"201": {"answer": "yes", "question": "?"}, "202": {"answer": "left", "question": "?"}})
+    p = preds(tmp_path / "a.jsonl", {"201": "Yes.", "202": "right"})
+    code, out, _ = run(capsys, "score", "gqa", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(50.0)
+
+
+def test_pope_matched_by_id_not_position(tmp_path, capsys):
+    d = tmp_path / "pope"
+    d.mkdir()
+    write_jsonl(d / "coco_pope_random.json", [{"question_id": 1, "image": "x.jpg", "text": "?", "label": "yes"},
+                                               {"question_id": 2, "image": "x.jpg", "text": "?", "label": "no"}])
+    write_jsonl(d / "coco_pope_adversarial.json", [{"question_id": 3, "image": "y.jpg", "text": "?", "label": "no"}])
+    # predictions in a different order than the labels
+    p = preds(tmp_path / "a.jsonl", {3: "No, there is not.", 2: "No.", 1: "Yes, there is."})
+    code, out, _ = run(capsys, "score", "pope", "--pred", p, "--gt", d, "--out", tmp_path / "r.json")
+    assert code == 0
+    assert out["scores"]["random"]["accuracy"] == 1.0 and out["scores"]["adversarial"]["accuracy"] == 1.0
+
+
+def test_scienceqa(tmp_path, capsys):
+    gt = write_json(tmp_path / "problems.json", {
+        "10": {"choices": ["a", "b"], "answer": 1, "image": "image.png"},
+        "11": {"choices": ["a", "b"], "answer": 0, "image": None},
+        "12": {"choices": ["a", "b"], "answer": 0, "image": None}})
+    write_json(tmp_path / "pid_splits.json", {"test": ["10", "11"], "train": ["12"]})
+    p = preds(tmp_path / "a.jsonl", {"10": "B", "11": "The answer is B."})
+    code, out, _ = run(capsys, "score", "scienceqa", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(100.0)
+    assert out["scores"]["accuracy"] == pytest.approx(0.5)
+
+
+def test_mmbench_single_and_circular(tmp_path, capsys):
+    tsv = tmp_path / "mmbench_dev.tsv"
+    with open(tsv, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "split"])
+        w.writerow([0, "colour?", "nan", "red", "blue", "green", "nan", "B", "attr", "x", "dev"])
+        w.writerow([1, "count?", "nan", "one", "two", "nan", "nan", "A", "count", "x", "dev"])
+    p = preds(tmp_path / "a.jsonl", {0: "B", 1: "A"})
+    code, out, _ = run(capsys, "score", "mmbench", "--pred", p, "--gt", tsv, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(100.0)
+    # circular: rotations of 0 are (blue, green, red) -> A and (green, red, blue) -> C; of 1: (two, one) -> B
+    p = preds(tmp_path / "c.jsonl", {0: "B", 1000000: "A", 2000000: "C", 1: "A", 1000001: "A"})
+    code, out, _ = run(capsys, "score", "mmbench", "--pred", p, "--gt", tsv, "--circular", "--out",
+                       tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(50.0)
+
+
+def test_nlvr2_official_jsonl(tmp_path, capsys):
+    gt = write_jsonl(tmp_path / "test1.json", [
+        {"identifier": "test1-0-1-0", "sentence": "s", "label": "True"},
+        {"identifier": "test1-0-1-1", "sentence": "s", "label": "False"},
+        {"identifier": "test1-0-2-0", "sentence": "s", "label": "False"}])
+    p = preds(tmp_path / "a.jsonl", {"test1-0-1-0": "true", "test1-0-1-1": "false", "test1-0-2-0": "true"})
+    code, out, _ = run(capsys, "score", "nlvr2", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(200 / 3)
+    assert out["scores"]["consistency"] == pytest.approx(0.5)
+
+
+def test_tvqa_and_how2qa(tmp_path, capsys):
+    gt = write_jsonl(tmp_path / "tvqa_val.jsonl", [
+        {"qid": 5, "q": "?", "a0": "x", "a1": "y", "a2": "z", "a3": "w", "a4": "v", "answer_idx": 2,
+         "show_name": "Friends", "vid_name": "f", "ts": "1.0-2.0"},
+        {"qid": 6, "q": "?", "a0": "x", "a1": "y", "a2": "z", "a3": "w", "a4": "v", "answer_idx": 4,
+         "show_name": "House", "vid_name": "h", "ts": "1.0-2.0"}])
+    p = preds(tmp_path / "a.jsonl", {5: "a2", 6: "a1"})
+    code, out, _ = run(capsys, "score", "tvqa", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(50.0)
+    assert out["scores"]["per_group"] == {"Friends": 1.0, "House": 0.0}
+    code, out, text = run(capsys, "score", "how2qa", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(50.0)  # a4 is out of range for 4 choices: wrong anyway
+
+
+CAPTIONS = {
+    "101": ["a man riding a wave on top of a surfboard", "a surfer rides a large wave in the ocean"],
+    "102": ["two dogs playing with a frisbee in the grass", "a pair of dogs play in a park"],
+    "103": ["a plate of food with broccoli and rice", "a meal of rice and vegetables on a plate"],
+}
+PREDICTED = {"101": "a man riding a wave on a surfboard", "102": "two dogs play in the grass",
+             "103": "a plate of rice with broccoli"}
+
+
+def _direct_pycocoevalcap(refs, preds_):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": preds_[k]}] for k in refs})
+    return Bleu(4).compute_score(gts, res, verbose=0)[0][3], Cider().compute_score(gts, res)[0]
+
+
+def test_coco_caption_karpathy_equals_pycocoevalcap(tmp_path, capsys):
+    images = [{"cocoid": int(k), "filename": f"COCO_val2014_{int(k):012d}.jpg", "split": "test",
+               "sentences": [{"raw": c} for c in v]} for k, v in CAPTIONS.items()]
+    images.append({"cocoid": 999, "filename": "x.jpg", "split": "train", "sentences": [{"raw": "ignored"}]})
+    gt = write_json(tmp_path / "dataset_coco.json", {"images": images})
+    p = preds(tmp_path / "a.jsonl", PREDICTED)
+    code, out, text = run(capsys, "score", "coco_caption", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    assert code == 0, text
+    bleu4, cider = _direct_pycocoevalcap(CAPTIONS, PREDICTED)
+    assert out["scores"]["CIDEr"] == pytest.approx(100 * cider, rel=1e-9)
+    assert out["scores"]["Bleu_4"] == pytest.approx(100 * bleu4, rel=1e-9)
+    assert out["score"] == pytest.approx(100 * cider, rel=1e-9)
+    assert 0 < out["scores"]["METEOR"] < 100 and 0 < out["scores"]["ROUGE_L"] < 100
+
+
+def test_tvc_value_release(tmp_path, capsys):
+    gt = write_jsonl(tmp_path / "tvc_val_release.jsonl", [
+        {"vid_name": "v", "clip_id": int(k), "ts": [0, 1], "duration": 5,
+         "descs": [{"desc": c, "desc_id": i, "type": "v"} for i, c in enumerate(v)]} for k, v in CAPTIONS.items()])
+    p = preds(tmp_path / "a.jsonl", PREDICTED)
+    code, out, text = run(capsys, "score", "tvc", "--pred", p, "--gt", gt, "--no-meteor", "--out", tmp_path / "r.json")
+    assert code == 0, text
+    assert out["scores"]["CIDEr"] == pytest.approx(100 * _direct_pycocoevalcap(CAPTIONS, PREDICTED)[1], rel=1e-9)
+    code, out, text = run(capsys, "score", "yc2c", "--pred", p, "--gt", gt, "--no-meteor", "--out", tmp_path / "r.json")
+    assert code == 0, text
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_prediction_files_name_the_line(tmp_path, capsys):
+    gt = vqa_annotations(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": 2, "text": \n')
+    code, _, text = run(capsys, "score", "vqav2", "--pred", bad, "--gt", gt)
+    assert code == 2 and "bad.jsonl:2: not valid JSON" in text
+    dup = preds(tmp_path / "dup.jsonl", {1: "yes"})
+    dup.write_text(dup.read_text() + '{"question_id": "1", "text": "no"}\n')
+    code, _, text = run(capsys, "score", "vqav2", "--pred", dup, "--gt", gt)
+    assert code == 2 and "dup.jsonl:2: duplicate question_id '1'" in text
+    extra = preds(tmp_path / "extra.jsonl", {1: "yes", 2: "2", 77: "no"})
+    code, _, text = run(capsys, "score", "vqav2", "--pred", extra, "--gt", gt)
+    assert code == 2 and "'77' (line 3)" in text
+    nokey = write_jsonl(tmp_path / "nokey.jsonl", [{"question_id": 1, "answer": "yes"}])
+    code, _, text = run(capsys, "score", "vqav2", "--pred", nokey, "--gt", gt)
+    assert code == 2 and "nokey.jsonl:1: expected an object with 'question_id' and 'text'" in text
+
+
+def test_missing_predictions_need_allow_partial_and_report_coverage(tmp_path, capsys):
+    gt = vqa_annotations(tmp_path)
+    p = preds(tmp_path / "a.jsonl", {2: ""})
+    code, _, text = run(capsys, "score", "vqav2", "--pred", p, "--gt", gt)
+    assert code == 2 and "1 of 2 questions have no prediction" in text
+    code, out, text = run(capsys, "score", "vqav2", "--pred", p, "--gt", gt, "--allow-partial",
+                          "--out", tmp_path / "r.json")
+    assert code == 0 and "MISSING" in text and "1 empty answers" in text
+    assert out["coverage"] == {"predicted": 1, "expected": 2, "fraction": 0.5, "missing": 1, "empty_answers": 1}
+
+
+def test_submission_writers(tmp_path, capsys):
+    questions = write_json(tmp_path / "test2015_questions.json",
+                           {"questions": [{"question_id": 5, "image_id": 1, "question": "?"},
+                                          {"question_id": 6, "image_id": 1, "question": "?"}]})
+    p = preds(tmp_path / "a.jsonl", {5: "Two."})
+    code, _, _ = run(capsys, "submit", "vqav2", "--pred", p, "--questions", questions, "--out", tmp_path / "s.json")
+    assert code == 0
+    assert json.loads((tmp_path / "s.json").read_text()) == [{"question_id": 5, "answer": "2"},
+                                                             {"question_id": 6, "answer": ""}]
+    vizwiz_q = write_json(tmp_path / "test.json", [{"image": "VizWiz_test_00000000.jpg", "question": "?"}])
+    p = preds(tmp_path / "b.jsonl", {"VizWiz_test_00000000": "Unanswerable"})
+    code, _, _ = run(capsys, "submit", "vizwiz", "--pred", p, "--questions", vizwiz_q, "--out", tmp_path / "v.json")
+    assert code == 0
+    assert json.loads((tmp_path / "v.json").read_text()) == [{"image": "VizWiz_test_00000000.jpg",
+                                                              "answer": "unanswerable"}]
+
+
+def test_real_entry_point_lists_tasks():
+    proc = subprocess.run([sys.executable, "-m", "eval", "tasks"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0
+    for task in ("vqav2", "vizwiz", "textvqa", "gqa", "pope", "scienceqa", "mmbench", "nlvr2", "coco_caption",
+                 "tvqa", "how2qa", "tvc", "yc2c"):
+        assert task in proc.stdout
