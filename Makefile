@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench env clean
+.PHONY: demo test bench bench-quick env clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,16 @@ $(STAMP): requirements.txt
 env: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) bench/dora_layer.py --quick
+	bash launch/llava_dora.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/dora_layer.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/dora_layer.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache

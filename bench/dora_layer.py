@@ -12,7 +12,6 @@ step, each method measured in a fresh process. Ratios are to PEFT LoRA (eval: me
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics

@@ -1,4 +1,5 @@
-"""python -m eval score TASK --pred PREDICTIONS.jsonl --gt GROUND_TRUTH [--out results.json]
+"""python -m eval generate --model DIR [--adapter DIR] --questions Q.jsonl --image-folder F --out answers.jsonl
+   python -m eval score TASK --pred PREDICTIONS.jsonl --gt GROUND_TRUTH [--out results.json]
    python -m eval submit TASK --pred PREDICTIONS.jsonl --questions QUESTIONS --out FILE
    python -m eval tasks
 """
@@ -74,12 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True, type=Path)
 
     sub.add_parser("tasks", help="list the tasks, their splits and metrics")
+
+    g = sub.add_parser("generate", help="answer a question file with a LLaVA model (needs torch)")
+    from .generate import add_arguments  # imports no torch until it runs
+    add_arguments(g)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate":
+            from .generate import run
+            return run(args)
         if args.command == "tasks":
             print(_tasks_table())
         elif args.command == "score":

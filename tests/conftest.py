@@ -12,3 +12,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _seed():
     import torch
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def llava_assets(tmp_path_factory):
+    """A small demo dataset and tiny LLaVA parts (tokenizer + LLM, CLIP tower, stage-1 projector file)."""
+    from data.demo_shapes import write_demo_dataset
+    from recipes.llava.demo_models import corpus_from_llava_json, dialogues_from_llava_json, make_demo_checkpoints
+
+    root = tmp_path_factory.mktemp("llava")
+    data = write_demo_dataset(root / "data", n_train_images=16, n_eval_images=4, seed=1)
+    checkpoints = make_demo_checkpoints(root / "checkpoints", corpus_from_llava_json(data["train"]),
+                                        dialogues_from_llava_json(data["train"]), lm_steps=5, hidden=64)
+    return {"root": root, **data, **checkpoints}

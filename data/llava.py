@@ -1,0 +1,255 @@
+"""LLaVA visual-instruction data: records -> token ids, labels and pixel values; batching and grouping.
+
+Records are LLaVA's: {"id", "image" (optional, relative to the image folder), "conversations": [...]}, in a
+JSON list or in JSON lines. A file that is not valid JSON fails at load time naming the line. A sample that
+cannot be used (malformed record, missing or unreadable image, image tokens cut by truncation, answer entirely
+truncated) is skipped, counted by reason and logged with its id and index; `SkipLog.summary()` reports the
+counts (the trainer prints them at the end of every epoch). Nothing is masked silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+
+from .conversation import IMAGE_TOKEN, ConversationError, parse_turns, render
+
+IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be read at all (not JSON, not a list of records)."""
+
+
+class SampleError(ValueError):
+    """One sample that cannot be used; `reason` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """A JSON list of records, or JSON lines (one record per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"data file {path} not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataFormatError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not records:
+        raise DataFormatError(f"{path}: no records")
+    return records
+
+
+@dataclass
+class SkipLog:
+    """Counts of skipped samples by reason; the first few of each reason are logged with id and index."""
+
+    max_logged_per_reason: int = 5
+    counts: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, index: int, sample_id, detail: str = "") -> None:
+        self.counts[reason] += 1
+        if self.counts[reason] <= self.max_logged_per_reason:
+            log.warning("skipped sample %s (index %d): %s%s", sample_id, index, reason, f" ({detail})" if detail else "")
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no samples skipped"
+        return "skipped samples: " + ", ".join(f"{reason} {n}" for reason, n in sorted(self.counts.items()))
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's image_aspect_ratio=pad: centre the image on a square of the processor's mean colour."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
+def load_image(path: Path, image_processor, aspect_ratio: str = "pad") -> torch.Tensor:
+    """One image as the model sees it: RGB, padded to a square of the processor's mean colour (LLaVA-1.5's
+    image_aspect_ratio=pad), then the processor's resize, crop and normalisation. (3, H, W)."""
+    if not path.is_file():
+        raise SampleError("missing image", str(path))
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except Exception as e:  # PIL raises several types for corrupt or truncated files
+        raise SampleError("unreadable image", f"{path}: {e}") from None
+    if aspect_ratio == "pad":
+        fill = tuple(int(255 * x) for x in getattr(image_processor, "image_mean", (0.5, 0.5, 0.5)))
+        image = expand_to_square(image, fill)
+    elif aspect_ratio != "none":
+        raise ValueError(f"image_aspect_ratio must be 'pad' or 'none', not {aspect_ratio!r}")
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def expand_image_tokens(ids: list[int], image_token_id: int, count: int) -> list[int]:
+    """Each "<image>" token becomes `count` image tokens (the tower's patch count)."""
+    out = []
+    for t in ids:
+        out.extend([t] * count if t == image_token_id else [t])
+    return out
+
+
+def supervised_labels(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]],
+                      input_ids: Sequence[int]) -> list[int]:
+    """A token carries its label when its characters overlap a supervised span (added special tokens such as
+    BOS have empty offsets and stay masked)."""
+    labels = []
+    for tok, (s, e) in zip(input_ids, offsets):
+        hit = e > s and any(s < end and e > start for start, end in spans)
+        labels.append(tok if hit else IGNORE_INDEX)
+    return labels
+
+
+@dataclass(frozen=True)
+class LlavaDataConfig:
+    data_path: str
+    image_folder: str = ""
+    template: str = "vicuna_v1"
+    model_max_length: int = 2048
+    image_aspect_ratio: str = "pad"  # "pad" (LLaVA-1.5) or "none" (the processor's resize and crop only)
+    end_of_turn: Optional[str] = None  # chat template: the marker supervised after each answer (default: eos)
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Lazy: records are parsed at load, tokenised and their images read when a sample is asked for."""
+
+    def __init__(self, config: LlavaDataConfig, tokenizer, image_processor, image_token_id: int,
+                 image_seq_length: int, records: Optional[list[dict]] = None, skips: Optional[SkipLog] = None):
+        self.config = config
+        self.records = records if records is not None else load_records(config.data_path)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.image_seq_length = image_seq_length
+        self.skips = skips or SkipLog()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's length estimate for grouping: words in the conversation (+ the image tokens), positive for
+        samples with an image and negative for text-only ones."""
+        out = []
+        for r in self.records:
+            conv = r.get("conversations") if isinstance(r, dict) else None
+            words = sum(len(str(c.get("value", "")).split()) for c in conv if isinstance(c, dict)) \
+                if isinstance(conv, list) else 1
+            out.append(words + self.image_seq_length if r.get("image") else -max(words, 1))
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        """The sample, or {"skip": reason} for one that cannot be used (logged here, counted by the trainer
+        from the batches, so that counts survive DataLoader worker processes)."""
+        record = self.records[index]
+        sample_id = record.get("id", index) if isinstance(record, dict) else index
+        try:
+            return self.build(record, index)
+        except SampleError as e:
+            self.skips.skip(e.reason, index, sample_id, str(e))
+            return {"skip": e.reason, "id": sample_id, "index": index}
+
+    # --------------------------------------------------------------------------------------------- pieces
+    def build(self, record: dict, index: int = -1) -> dict:
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise SampleError("malformed record", "expected an object with a 'conversations' list")
+        has_image = bool(record.get("image"))
+        try:
+            turns = parse_turns(record["conversations"], has_image)
+        except ConversationError as e:
+            raise SampleError("malformed record", str(e)) from None
+        pixel_values = self.load_image(record["image"]) if has_image else None
+        input_ids, labels = self.tokenize(turns, has_image)
+        return {"id": record.get("id", index), "input_ids": input_ids, "labels": labels,
+                "pixel_values": pixel_values}
+
+    def load_image(self, relative: str) -> torch.Tensor:
+        return load_image(Path(self.config.image_folder) / relative, self.image_processor,
+                          self.config.image_aspect_ratio)
+
+    def render(self, turns):
+        tok = self.tokenizer
+
+        def apply(messages):
+            return tok.apply_chat_template(messages, tokenize=False)
+        return render(turns, self.config.template, eos=tok.eos_token or "</s>", apply_chat_template=apply,
+                      end_of_turn=self.config.end_of_turn or tok.eos_token)
+
+    def tokenize(self, turns, has_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rendered = self.render(turns)
+        enc = self.tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
+        ids = list(enc["input_ids"])
+        labels = supervised_labels(enc["offset_mapping"], rendered.supervised, ids)
+        # One "<image>" token becomes the tower's patch count of image tokens, never supervised.
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(positions) != (1 if has_image else 0):
+            raise SampleError("malformed record", f"{len(positions)} {IMAGE_TOKEN} tokens after tokenisation")
+        if positions:
+            p = positions[0]
+            ids = ids[:p] + [self.image_token_id] * self.image_seq_length + ids[p + 1:]
+            labels = labels[:p] + [IGNORE_INDEX] * self.image_seq_length + labels[p + 1:]
+        limit = self.config.model_max_length
+        if len(ids) > limit:
+            if positions and positions[0] + self.image_seq_length > limit:
+                raise SampleError("image truncated", f"{len(ids)} tokens, max {limit}")
+            ids, labels = ids[:limit], labels[:limit]
+        if all(lab == IGNORE_INDEX for lab in labels):
+            raise SampleError("answer truncated", f"no supervised token within {limit} tokens")
+        return torch.tensor(ids), torch.tensor(labels)
+
+
+@dataclass
+class LlavaCollator:
+    """Pads a micro-batch; images are stacked in sample order (one per sample that has one). Skipped samples
+    are left out and their reasons listed under "skipped"; a batch of skipped samples only is {"empty": True}."""
+
+    pad_token_id: int
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        skipped = [s["skip"] for s in samples if "skip" in s]
+        samples = [s for s in samples if "skip" not in s]
+        if not samples:
+            return {"empty": True, "skipped": skipped}
+        n = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), n), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), n), dtype=torch.long)
+        for i, s in enumerate(samples):
+            k = len(s["input_ids"])
+            input_ids[i, :k] = s["input_ids"]
+            labels[i, :k] = s["labels"]
+            attention_mask[i, :k] = 1
+        images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "pixel_values": torch.stack(images) if images else None, "ids": [s["id"] for s in samples],
+                "skipped": skipped}

@@ -1,0 +1,78 @@
+"""Recipe configs: one YAML file, plus key=value overrides from the command line.
+
+    python -m recipes.llava.train recipes/llava/configs/demo.yaml train.lr=1e-3 train.epochs=2
+
+An override's key is a dotted path (train.max_steps=10); values are parsed as YAML (1e-3, true, [a, b]). A key the
+file does not have is added; a typo is still an error, raised by the section's reader, which knows its keys.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; names the file or the key."""
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return apply_overrides(config, overrides, source=str(path))
+
+
+def apply_overrides(config: dict, overrides: Iterable[str], source: str = "config") -> dict:
+    config = copy.deepcopy(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        parts = key.split(".")
+        node = config
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])!r} in {source} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key!r}: value {raw!r} is not valid YAML ({e})") from None
+    return config
+
+
+def section(config: dict, name: str, known: Iterable[str]) -> dict:
+    """A config section, checked for unknown keys (typos) against the keys its reader knows."""
+    value = config.get(name, {}) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping")
+    unknown = set(value) - set(known)
+    if unknown:
+        raise ConfigError(f"config section {name!r}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return value
+
+
+def save_config(config: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(path)
+
+
+def get(config: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node

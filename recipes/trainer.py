@@ -1,0 +1,445 @@
+"""The training loop every recipe shares: a DeepSpeed engine over a model adapted with `dora`.
+
+What it does: parameter groups (per-group learning rates, no weight decay on biases and norms), warmup +
+cosine/linear schedule, gradient accumulation, clipping, bf16 on GPU (fp32 on CPU), DeepSpeed ZeRO configs
+from launch/ with their "auto" values filled in, a progress bar with loss / lr / tokens per second, and
+checkpoints that are written atomically and resume exactly (model, optimizer, scheduler, data position and
+RNG states: the losses after a resume are those of an uninterrupted run).
+
+A recipe gives the model, the dataset, a collate function and a loss function; see recipes/llava/train.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs, tests)
+    micro_batch_size: int = 4  # per device
+    global_batch_size: int = 128  # micro x accumulation x world; accumulation is derived from it
+    lr: float = 2e-4
+    lr_groups: list = field(default_factory=list)  # [{match: regex on parameter names, lr: .., weight_decay: ..}]
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: what the equivalence tests compare runs with)
+    adam_betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | linear | constant (all with linear warmup)
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 on GPUs that have it, fp32 on CPU; or bf16 | fp16 | fp32
+    deepspeed: str = "launch/zero3.json"
+    seed: int = 42
+    group_by_modality_length: bool = False
+    num_workers: int = 0
+    logging_steps: int = 1
+    save_steps: int = 0  # a resumable checkpoint every N optimizer steps (0: none)
+    save_total_limit: int = 2
+    pause_at_step: Optional[int] = None  # checkpoint and stop at this step, schedule unchanged (time-sliced jobs)
+    resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | none | a checkpoint directory
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"config section 'train': unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        if "output_dir" not in data:
+            raise ConfigError("config section 'train' needs output_dir")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------- distributed
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Works under the deepspeed launcher and as a plain single process."""
+    import deepspeed
+    if "RANK" not in os.environ:  # a plain `python` run: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def resolve_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if name not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, not {name!r}")
+    if name != "fp32" and not torch.cuda.is_available():
+        raise ConfigError(f"train.precision={name} needs a GPU; use fp32 (or auto) on CPU")
+    return name
+
+
+def deepspeed_config(path: str | Path, *, micro: int, accumulation: int, world: int, max_grad_norm: float,
+                     precision: str, hidden_size: int) -> dict:
+    """A launch/ DeepSpeed JSON with its "auto" values filled in the way the HF integration fills them."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} not found")
+    cfg = json.loads(path.read_text())
+    fill = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world,
+        "gradient_clipping": max_grad_norm,
+    }
+    for key, value in fill.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+    for kind in ("bf16", "fp16"):
+        if kind in cfg and cfg[kind].get("enabled") == "auto":
+            cfg[kind]["enabled"] = precision == kind
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    zero_fill = {"reduce_bucket_size": hidden_size * hidden_size,
+                 "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                 "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in zero_fill.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    left = [k for k, v in _walk(cfg) if v == "auto"]
+    if left:
+        raise ConfigError(f"{path}: no value known for 'auto' at {left}")
+    if not torch.cuda.is_available():
+        for key in ("offload_optimizer", "offload_param"):
+            if key in zero:
+                zero[key]["pin_memory"] = False
+    cfg["zero_allow_untested_optimizer"] = True  # our torch AdamW with its own parameter groups
+    cfg.setdefault("steps_per_print", 10 ** 9)
+    return cfg
+
+
+def _walk(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+# --------------------------------------------------------------------------------------------- optimisation
+def is_no_decay(name: str, param: torch.nn.Parameter, norm_names: set[str]) -> bool:
+    """Biases and normalisation weights get no weight decay (as LLaVA's and VL-T5's trainers do)."""
+    return name.endswith(".bias") or name in norm_names
+
+
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """One group per (lr rule, decay or not). A rule is {match: regex (full match on the name), lr, weight_decay}."""
+    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm)
+    norm_names = {f"{m_name}.{p_name}" if m_name else p_name
+                  for m_name, m in model.named_modules()
+                  if isinstance(m, norm_types) or "norm" in type(m).__name__.lower()
+                  for p_name, _ in m.named_parameters(recurse=False)}
+    rules = []
+    for i, rule in enumerate(config.lr_groups):
+        if "match" not in rule:
+            raise ConfigError(f"train.lr_groups[{i}] needs 'match'")
+        rules.append((re.compile(rule["match"]), rule.get("lr", config.lr), rule.get("weight_decay", config.weight_decay)))
+    groups: dict[tuple, dict] = {}
+    matched = [0] * len(rules)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr, wd, tag = config.lr, config.weight_decay, "default"
+        for i, (regex, rule_lr, rule_wd) in enumerate(rules):
+            if regex.fullmatch(name):
+                lr, wd, tag = rule_lr, rule_wd, f"lr_groups[{i}]"
+                matched[i] += 1
+                break
+        no_decay = is_no_decay(name, p, norm_names)
+        key = (tag, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "lr": lr, "weight_decay": 0.0 if no_decay else wd}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    for i, n in enumerate(matched):
+        if n == 0:
+            raise ConfigError(f"train.lr_groups[{i}] (match={config.lr_groups[i]['match']!r}) matched no trainable "
+                              f"parameter")
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    return list(groups.values())
+
+
+def make_optimizer(groups: list[dict], config: TrainConfig, cpu_offload: bool = False):
+    """AdamW (DeepSpeed's CPU Adam when ZeRO offloads the optimizer to the CPU), or plain SGD."""
+    if config.optimizer == "adamw":
+        if cpu_offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return DeepSpeedCPUAdam(groups, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
+                                    weight_decay=config.weight_decay, adamw_mode=True)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
+                                 weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, weight_decay=config.weight_decay)
+    raise ConfigError(f"train.optimizer must be adamw or sgd, not {config.optimizer!r}")
+
+
+def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}.get(config.scheduler)
+    if name is None:
+        raise ConfigError(f"train.scheduler must be cosine, linear or constant, not {config.scheduler!r}")
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    pointer = output_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = output_dir / "checkpoints" / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    losses: list[float]  # mean training loss of every optimizer step (all ranks averaged), resumed runs included
+    skipped: Counter
+    paused: bool = False  # stopped at train.pause_at_step: rerun to continue
+
+
+class Trainer:
+    """Runs a recipe's training under DeepSpeed. `loss_fn(engine, batch)` returns (loss, tokens in batch)."""
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, dataset, collate_fn: Callable,
+                 loss_fn: Callable, lengths: Optional[Sequence[int]] = None, hidden_size: int = 1024):
+        from data.sampling import RankSampler
+
+        self.config = config
+        self.rank, self.world, self.device = init_distributed()
+        self.precision = resolve_precision(config.precision)
+        if config.global_batch_size % (config.micro_batch_size * self.world):
+            raise ConfigError(f"train.global_batch_size {config.global_batch_size} is not a multiple of "
+                              f"micro_batch_size {config.micro_batch_size} x {self.world} processes")
+        self.accumulation = config.global_batch_size // (config.micro_batch_size * self.world)
+        self.output_dir = Path(config.output_dir)
+        self.dataset, self.collate_fn, self.loss_fn = dataset, collate_fn, loss_fn
+        lengths = list(lengths) if lengths is not None else [1] * len(dataset)
+        self.sampler = RankSampler(lengths, config.micro_batch_size * self.accumulation, self.rank, self.world,
+                                   seed=config.seed, group_by_modality=config.group_by_modality_length)
+        self.steps_per_epoch = len(self.sampler) // (config.micro_batch_size * self.accumulation)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{len(dataset)} samples make no optimizer step of global batch "
+                              f"{config.global_batch_size}")
+        self.total_steps = math.ceil(config.epochs * self.steps_per_epoch)
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        groups = parameter_groups(model, config)
+        self.group_names = [g.pop("names") for g in groups]
+        ds_config = deepspeed_config(config.deepspeed, micro=config.micro_batch_size, accumulation=self.accumulation,
+                                     world=self.world, max_grad_norm=config.max_grad_norm,
+                                     precision=self.precision, hidden_size=hidden_size)
+        zero = ds_config.get("zero_optimization", {})
+        self.zero_stage = zero.get("stage", 0)
+        offload = zero.get("offload_optimizer", {}).get("device") == "cpu"
+        optimizer = make_optimizer(groups, config, cpu_offload=offload)
+        scheduler = make_scheduler(optimizer, config, self.total_steps)
+        import deepspeed
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.start_epoch, self.start_micro, self.losses = 0, 0, []
+        self.skipped: Counter = Counter()
+        self.paused = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, epoch: int, micro_in_epoch: int) -> Path:
+        """DeepSpeed's files under a temporary name, renamed when every rank has written; then `latest`."""
+        step = self.engine.global_steps
+        root = self.output_dir / "checkpoints"
+        tag = f"step-{step:08d}"
+        tmp_tag = f".tmp-{tag}"
+        if self.is_main and (root / tmp_tag).exists():
+            shutil.rmtree(root / tmp_tag)
+        dist.barrier()
+        client = {"epoch": epoch, "micro_in_epoch": micro_in_epoch, "losses": self.losses,
+                  "skipped": dict(self.skipped), "accumulation": self.accumulation, "world": self.world}
+        self.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False)
+        torch.save(_rng_state(), root / tmp_tag / f"rng_rank{self.rank}.pt")
+        dist.barrier()
+        if self.is_main:
+            if (root / tag).exists():
+                shutil.rmtree(root / tag)
+            os.replace(root / tmp_tag, root / tag)
+            pointer_tmp = root / ".latest.tmp"
+            pointer_tmp.write_text(tag)
+            os.replace(pointer_tmp, root / "latest")
+            kept = sorted(p for p in root.glob("step-*") if p.is_dir())
+            for old in kept[:-max(1, self.config.save_total_limit)]:
+                shutil.rmtree(old)
+        dist.barrier()
+        return root / tag
+
+    def load_checkpoint(self, path: Path) -> None:
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if client is None:
+            raise ConfigError(f"{path}: not a checkpoint this trainer wrote")
+        if (client["accumulation"], client["world"]) != (self.accumulation, self.world):
+            raise ConfigError(f"{path} was written with {client['world']} processes x accumulation "
+                              f"{client['accumulation']}; resuming needs the same (now {self.world} x "
+                              f"{self.accumulation})")
+        self.start_epoch, self.start_micro = client["epoch"], client["micro_in_epoch"]
+        self.losses = list(client["losses"])
+        self.skipped = Counter(client["skipped"])
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        if self.is_main:
+            print(f"resumed from {path} at optimizer step {self.engine.global_steps}", flush=True)
+
+    def maybe_resume(self) -> None:
+        resume = self.config.resume
+        if resume == "none":
+            return
+        path = latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        if not path.is_dir():
+            raise ConfigError(f"train.resume: {path} is not a checkpoint directory")
+        self.load_checkpoint(path)
+
+    # ------------------------------------------------------------------------------------------- loop
+    def _reduce_mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def _gather_skips(self, local: Counter) -> Counter:
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, dict(local))
+        total = Counter()
+        for part in gathered:
+            total.update(part)
+        return total
+
+    def train(self) -> TrainResult:
+        self.maybe_resume()
+        cfg = self.config
+        micro_per_step = self.accumulation
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.engine.global_steps, disable=not self.is_main,
+                   desc="train", dynamic_ncols=True, mininterval=0.5 if interactive else 30.0)
+        epoch = self.start_epoch
+        done = self.engine.global_steps >= self.total_steps
+        while not done:
+            self.sampler.set_epoch(epoch)
+            skip = self.start_micro if epoch == self.start_epoch else 0
+            indices = list(self.sampler)[skip * cfg.micro_batch_size:]
+            usable = (self.steps_per_epoch * micro_per_step - skip) * cfg.micro_batch_size
+            loader = DataLoader(self.dataset, batch_size=cfg.micro_batch_size, sampler=indices[:usable],
+                                collate_fn=self.collate_fn, num_workers=cfg.num_workers)
+            epoch_skips: Counter = Counter()
+            window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+            micro = skip
+            for batch in loader:
+                epoch_skips.update(batch.get("skipped", []))
+                self.engine.train()
+                loss, tokens = self.loss_fn(self.engine, batch)
+                self.engine.backward(loss)
+                before = self.engine.global_steps
+                self.engine.step()
+                micro += 1
+                window_loss += loss.detach().float().item()
+                window_tokens += int(tokens)
+                if self.engine.global_steps == before:
+                    continue
+                step_loss = self._reduce_mean(window_loss / micro_per_step)
+                tokens_all = self._reduce_mean(window_tokens) * self.world
+                self.losses.append(step_loss)
+                elapsed = time.perf_counter() - t0
+                if self.is_main and self.engine.global_steps % max(1, cfg.logging_steps) == 0:
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                    tok_s=f"{tokens_all / max(elapsed, 1e-9):.0f}", refresh=False)
+                bar.update(1)
+                window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+                step = self.engine.global_steps
+                pause = cfg.pause_at_step is not None and step == cfg.pause_at_step and step < self.total_steps
+                if (cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps) or pause:
+                    self.skipped.update(epoch_skips)
+                    epoch_skips = Counter()
+                    self.save_checkpoint(epoch, micro)
+                if pause:
+                    self.paused = True
+                if step >= self.total_steps or pause:
+                    done = True
+                    break
+            self.skipped.update(epoch_skips)
+            total_skips = self._gather_skips(epoch_skips)
+            if self.is_main:
+                summary = ", ".join(f"{k} {v}" for k, v in sorted(total_skips.items())) or "none"
+                tqdm.write(f"epoch {epoch}: skipped samples: {summary}")
+            epoch += 1
+        bar.close()
+        return TrainResult(self.engine.global_steps, self.losses, self._gather_skips(self.skipped), self.paused)
+
+    def close(self) -> None:
+        """Wait for every rank, then leave the process group: no rank tears down connections another still uses."""
+        dist.barrier()
+        dist.destroy_process_group()
+
+    # ------------------------------------------------------------------------------------------- saving
+    def gathered(self, params: Sequence[torch.nn.Parameter]):
+        """A context in which ZeRO-3 partitioned parameters hold their full values on every rank."""
+        import contextlib
+        if self.zero_stage == 3:
+            import deepspeed
+            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+        return contextlib.nullcontext()

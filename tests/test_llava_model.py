@@ -1,0 +1,72 @@
+"""LLaVA model assembly from parts, projector file mapping, and the recipe's targeting rule."""
+import pytest
+import torch
+
+from dora import apply_dora, dora_modules
+from recipes.config import load_config
+from recipes.llava.model import LlavaModelConfig, ModelConfigError, build_llava, map_projector_state
+
+RECIPE_RULES = load_config("recipes/llava/configs/llava_v1_5_7b_dora.yaml")["dora"]
+
+
+def test_projector_keys_map_to_transformers_names():
+    state = {f"model.mm_projector.{i}.{p}": torch.full((2,), float(i)) for i in (0, 2) for p in ("weight", "bias")}
+    mapped = map_projector_state(state)
+    assert sorted(mapped) == ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
+    assert mapped["linear_2.weight"][0] == 2.0
+    unprefixed = map_projector_state({k[len("model."):]: v for k, v in state.items()})
+    assert sorted(unprefixed) == sorted(mapped)
+    with pytest.raises(ModelConfigError, match="unexpected projector key"):
+        map_projector_state({**state, "model.mm_projector.4.weight": torch.zeros(1)})
+    with pytest.raises(ModelConfigError, match="lacks"):
+        map_projector_state({k: v for k, v in state.items() if "2.bias" not in k})
+
+
+@pytest.fixture(scope="module")
+def assembled(llava_assets):
+    cfg = LlavaModelConfig(llm=str(llava_assets["llm"]), vision_tower=str(llava_assets["vision"]),
+                           projector=str(llava_assets["projector"]), dtype="fp32")
+    return build_llava(cfg)
+
+
+def test_assembly_from_parts_keeps_every_weight(llava_assets, assembled):
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    model, tokenizer, _ = assembled
+    assert model.config.image_seq_length == (48 // 8) ** 2
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    llm = LlamaForCausalLM.from_pretrained(llava_assets["llm"])
+    tower = CLIPVisionModel.from_pretrained(llava_assets["vision"])
+    projector = torch.load(llava_assets["projector"], weights_only=True)
+    lm = model.model.language_model
+    assert torch.equal(lm.layers[1].mlp.down_proj.weight, llm.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(model.lm_head.weight, llm.lm_head.weight)
+    assert torch.equal(model.model.vision_tower.embeddings.patch_embedding.weight,
+                       tower.embeddings.patch_embedding.weight)
+    assert torch.equal(model.model.multi_modal_projector.linear_2.weight, projector["model.mm_projector.2.weight"])
+
+
+def test_recipe_rule_adapts_the_language_model_only(assembled):
+    import copy
+    model = copy.deepcopy(assembled[0])
+    report = apply_dora(model, RECIPE_RULES["rules"], RECIPE_RULES["train_fully"], verbose=False)
+    names = sorted(dora_modules(model))
+    n_layers = model.config.text_config.num_hidden_layers
+    assert len(names) == 7 * n_layers and all(n.startswith("model.language_model.layers.") for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("model.vision_tower") for n in trainable)  # CLIP untouched and frozen
+    assert not any("embed_tokens" in n or n.startswith("lm_head") for n in trainable)
+    assert {n for n in trainable if "projector" in n} == {
+        f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    assert report.rows[0].trainable == sum(p.numel() for n, p in model.named_parameters()
+                                           if p.requires_grad and "projector" not in n)
+    # why the rule names the language model: a bare q_proj pattern also reaches CLIP's attention
+    naive = copy.deepcopy(assembled[0])
+    apply_dora(naive, [{"match": r".*q_proj", "rank": 2}], verbose=False)
+    assert any(n.startswith("model.vision_tower") for n in dora_modules(naive))
+
+
+def test_model_section_must_name_a_model():
+    with pytest.raises(ModelConfigError, match="needs model.llava"):
+        build_llava(LlavaModelConfig(llm="somewhere"))
+    with pytest.raises(ModelConfigError, match="either model.llava"):
+        build_llava(LlavaModelConfig(llava="a", llm="b"))
