@@ -186,10 +186,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         has_image = bool(record.get("image"))
         try:
             turns = parse_turns(record["conversations"], has_image)
+            input_ids, labels = self.tokenize(turns, has_image)
         except ConversationError as e:
             raise SampleError("malformed record", str(e)) from None
         pixel_values = self.load_image(record["image"]) if has_image else None
-        input_ids, labels = self.tokenize(turns, has_image)
         return {"id": record.get("id", index), "input_ids": input_ids, "labels": labels,
                 "pixel_values": pixel_values}
 
@@ -207,7 +207,9 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def tokenize(self, turns, has_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
         rendered = self.render(turns)
-        enc = self.tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
+        # a chat template writes its own special tokens (BOS included); the others get the tokenizer's
+        enc = self.tokenizer(rendered.text, return_offsets_mapping=True,
+                             add_special_tokens=self.config.template != "chat")
         ids = list(enc["input_ids"])
         labels = supervised_labels(enc["offset_mapping"], rendered.supervised, ids)
         # One "<image>" token becomes the tower's patch count of image tokens, never supervised.

@@ -72,7 +72,7 @@ def _module_settings(module: DoRALinear) -> dict:
         "in_features": module.in_features, "out_features": module.out_features, "rank": module.rank,
         "alpha": module.alpha, "scaling": module.scaling, "rslora": module.rslora,
         "magnitude_only": module.magnitude_only, "dropout": module.dropout,
-        "dropout_mode": module.dropout_mode, "detach_norm": module.detach_norm,
+        "dropout_mode": module.dropout_mode, "detach_norm": module.detach_norm, "inplace_safe": module.inplace_safe,
     }
 
 
@@ -177,17 +177,20 @@ def _copy_into(params: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.T
 
 
 # ------------------------------------------------------------------------------------------------- PEFT
-def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optional[str] = None) -> Path:
+def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optional[str] = None,
+                state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
     """Write the adapter in PEFT's LoRA format with use_dora=True.
 
     Ranks and scales per module go into rank_pattern / alpha_pattern (alpha written as scaling * rank, so
     rsLoRA modules load with the right scale). Fully trained modules become modules_to_save; other fully
     trained parameters (biases of frozen layers) are written under their base-model names, which PEFT loads
     into the base model. Training-only settings (detach_norm, dropout_mode) have no PEFT equivalent; PEFT
-    always detaches the norm and uses the exact dropout form.
+    always detaches the norm and uses the exact dropout form. `state_dict` (names as adapter_state_dict gives
+    them) overrides the tensors read from the model.
     """
     path = Path(path)
     modules = dora_modules(model)
+    values = dict(adapter_state_dict(model) if state_dict is None else state_dict)
     if not modules:
         raise AdapterError("the model has no DoRA modules to export")
     tensors: dict[str, torch.Tensor] = {}
@@ -196,16 +199,17 @@ def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optio
         if m.merged:
             raise AdapterError(f"module {name!r} is merged; unmerge before exporting")
         key = PEFT_PREFIX + name
+        magnitude = values[f"{name}.magnitude"]
         if m.magnitude_only:
-            dtype, device = m.magnitude.dtype, m.magnitude.device
+            dtype, device = magnitude.dtype, magnitude.device
             tensors[f"{key}.lora_A.weight"] = torch.zeros(1, m.in_features, dtype=dtype, device=device)
             tensors[f"{key}.lora_B.weight"] = torch.zeros(m.out_features, 1, dtype=dtype, device=device)
             ranks[name], alphas[name] = 1, 1.0
         else:
-            tensors[f"{key}.lora_A.weight"] = m.lora_A
-            tensors[f"{key}.lora_B.weight"] = m.lora_B
+            tensors[f"{key}.lora_A.weight"] = values[f"{name}.lora_A"]
+            tensors[f"{key}.lora_B.weight"] = values[f"{name}.lora_B"]
             ranks[name], alphas[name] = m.rank, m.scaling * m.rank
-        tensors[f"{key}.lora_magnitude_vector"] = m.magnitude
+        tensors[f"{key}.lora_magnitude_vector"] = magnitude
 
     fully = train_fully_parameters(model)
     modules_to_save = []
@@ -215,10 +219,10 @@ def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optio
         names = [f"{mod_name}.{n}" for n, _ in mod.named_parameters()]
         if names and all(n in fully for n in names) and not any(mod_name.startswith(s + ".") for s in modules_to_save):
             modules_to_save.append(mod_name)
-    for name, p in fully.items():
+    for name in fully:
         owner, _, leaf = name.rpartition(".")
         peft_name = f"{owner}.base_layer.{leaf}" if owner in modules else name
-        tensors[PEFT_PREFIX + peft_name] = p
+        tensors[PEFT_PREFIX + peft_name] = values[name]
 
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]

@@ -87,7 +87,7 @@ def factored_row_norm(
 
 
 def _scaled_output(x, x_lora, weight, bias, lora_A, lora_B, gm1, scaling):
-    """y = (1 + gm1) * (x W^T + s (x_lora A^T) B^T) + b, with one allocation of y; returns (y, xa)."""
+    """y = (1 + gm1) * (x W^T + s (x_lora A^T) B^T) (+ b, in place), with one allocation of y; returns (y, xa)."""
     y = F.linear(x, weight)
     xa = None
     if lora_A is not None:
@@ -100,42 +100,48 @@ def _scaled_output(x, x_lora, weight, bias, lora_A, lora_B, gm1, scaling):
 
 
 class _DoRAScaledLinear(torch.autograd.Function):
-    """y = g * (x W^T + s * (x_lora A^T) B^T) + b, with g an fp32 (out,) vector; x_lora is dropout(x), or
-    None for x itself.
+    """y = u + b with u = g * (x W^T + s * (x_lora A^T) B^T), g an fp32 (out,) vector; x_lora is dropout(x),
+    or None for x itself.
 
-    One node for the whole layer, so that its input gradient is one tensor (x W + (g dL/dy) s B A accumulated
-    in place) and nothing is saved twice. Saves x (or x_lora), x A^T, B, A, W and its own output y, which the
-    next op usually keeps anyway; the unscaled output needed for the gradient of g is recovered as (y - b) / g.
+    One node for the whole layer, so that its input gradient is one tensor (g dL/dy W + s (g dL/dy B) A,
+    accumulated in place) and nothing is saved twice. The magnitude gradient needs u (sum_t dL/dy * u / g). A layer
+    without bias returns u itself and saves it: no extra memory when the next op keeps its input anyway (a linear
+    layer, attention's v, SwiGLU's gate and up). With a bias, or with `inplace_safe`, the output is a separate
+    tensor and u is kept: one output-sized tensor, exact in bf16 (u recovered as y - b would lose the digits that
+    a large bias takes), and the output may be modified in place.
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, g, scaling):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, g, scaling, inplace_safe):
         gm1 = (g - 1.0).to(x.dtype)
-        y, xa = _scaled_output(x, x_lora, weight, bias, lora_A, lora_B, gm1, scaling)
+        u, xa = _scaled_output(x, x_lora, weight, None, lora_A, lora_B, gm1, scaling)
+        if bias is not None:
+            y = torch.add(u, bias)
+        elif inplace_safe:
+            y = u.clone()
+        else:
+            y = u
         ctx.scaling = scaling
-        ctx.save_for_backward(x if x_lora is None else x_lora, xa, weight, bias, lora_A, lora_B, g, gm1, y)
+        ctx.save_for_backward(x if x_lora is None else x_lora, xa, weight, lora_A, lora_B, g, gm1,
+                              u if ctx.needs_input_grad[6] else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_in, xa, weight, bias, lora_A, lora_B, g, gm1, y = ctx.saved_tensors
+        x_in, xa, weight, lora_A, lora_B, g, gm1, u = ctx.saved_tensors
         s = ctx.scaling
         out = weight.shape[0]
-        leading = tuple(range(grad_y.dim() - 1))
-        need_x, need_x_lora, _, need_b, need_A, need_B, need_g, _ = ctx.needs_input_grad
+        need_x, need_x_lora, _, need_b, need_A, need_B, need_g, _, _ = ctx.needs_input_grad
         acc = g.dtype  # fp32 (fp64 for fp64 weights)
+        grad_y = grad_y.contiguous()  # e.g. when the output was used transposed
 
-        grad_b = grad_y.sum(dim=leading, dtype=acc) if bias is not None else None
+        grad_b = grad_y.view(-1, out).sum(dim=0, dtype=acc) if need_b else None
         grad_g = buffer = None
         if need_g:
-            # sum_t dL/dy * h  with  h = (y - b) / g:   (sum_t dL/dy * y - b * sum_t dL/dy) / g
-            buffer = torch.mul(grad_y, y)
-            gy_y = buffer.view(-1, out).sum(dim=0, dtype=acc)
-            if bias is not None:
-                gy_y = gy_y - bias.to(acc) * grad_b
-            # A row with g == 0 (magnitude exactly 0) outputs y = b, so gy_y is 0 there and so is its gradient:
-            # exact when W0's row is zero too, which is how such rows arise (m starts at ||W0 row|| = 0).
-            grad_g = gy_y / torch.where(g == 0, 1.0, g)
+            buffer = torch.mul(grad_y, u)
+            # A row with g == 0 (magnitude exactly 0) has u = 0, so its gradient is 0: exact when W0's row is
+            # zero too, which is how such rows arise (m starts at ||W0 row|| = 0).
+            grad_g = buffer.view(-1, out).sum(dim=0, dtype=acc) / torch.where(g == 0, 1.0, g)
         grad_h = torch.addcmul(grad_y, grad_y, gm1, out=buffer)  # dL/dh = g * dL/dy, in the same buffer
         # Gradients keep the inputs' N-d shapes (matmul, not a view of mm): autograd accumulates a view
         # out of place, which would cost one more copy of the input gradient.
@@ -148,12 +154,12 @@ class _DoRAScaledLinear(torch.autograd.Function):
             grad_xa = torch.matmul(grad_h, lora_B * s)  # (..., r)
             if need_A:
                 grad_A = grad_xa.view(-1, grad_xa.shape[-1]).t() @ x_in.reshape(-1, x_in.shape[-1])
-            if ctx.needs_input_grad[1]:
+            if need_x_lora:
                 grad_x_lora = torch.matmul(grad_xa, lora_A)
             elif need_x:
                 grad_x.view(-1, grad_x.shape[-1]).addmm_(grad_xa.view(-1, grad_xa.shape[-1]), lora_A)
-        grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_x, grad_x_lora, None, grad_b, grad_A, grad_B, grad_g, None
+        grad_b = grad_b.to(weight.dtype) if need_b else None
+        return grad_x, grad_x_lora, None, grad_b, grad_A, grad_B, grad_g, None, None
 
 
 class DoRALinear(nn.Module):
@@ -171,6 +177,9 @@ class DoRALinear(nn.Module):
         magnitude_only: no A, B; only m is trained (the paper's tuning-granularity setting).
         detach_norm: treat ||W0 + sBA|| as a constant in backward (paper section 4.3; default). False
             back-propagates through the norm into A and B.
+        inplace_safe: the next op modifies this layer's output in place (nn.ReLU(inplace=True)). A layer without
+            bias saves its own output for the magnitude gradient, which such an op would change (autograd then
+            raises); with this option the output is a separate tensor (one output-sized tensor more).
     """
 
     def __init__(
@@ -186,6 +195,7 @@ class DoRALinear(nn.Module):
         magnitude_only: bool = False,
         detach_norm: bool = True,
         rslora: bool = False,
+        inplace_safe: bool = False,
         device=None,
         dtype=None,
         adapter_dtype=None,
@@ -205,6 +215,7 @@ class DoRALinear(nn.Module):
         self.dropout_mode = dropout_mode
         self.magnitude_only = bool(magnitude_only)
         self.detach_norm = bool(detach_norm)
+        self.inplace_safe = bool(inplace_safe)
         self.scaling = 0.0 if magnitude_only else (alpha / math.sqrt(rank) if rslora else alpha / rank)
 
         factory = {"device": device, "dtype": dtype}
@@ -286,7 +297,7 @@ class DoRALinear(nn.Module):
 
     def _weight_sq_norm(self) -> torch.Tensor:
         w = self.weight
-        key = (w._version, w.device, w.dtype, w.shape)
+        key = (w._version, w.device, w.dtype, w.shape, torch.is_inference_mode_enabled())
         if self._w2_key != key:
             with torch.no_grad():
                 self._w2 = squared_row_norm(w)
@@ -294,7 +305,9 @@ class DoRALinear(nn.Module):
         return self._w2
 
     def _norm_cache_key(self):
-        key = (_optimizer_steps, self.weight._version, self.weight.device, self.weight.dtype)
+        # inference mode is part of the key: a tensor made under it cannot be saved for a later backward
+        key = (_optimizer_steps, self.weight._version, self.weight.device, self.weight.dtype,
+               torch.is_inference_mode_enabled())
         if self.lora_A is not None:
             key += (self.lora_A._version, self.lora_B._version)
         return key
@@ -345,7 +358,8 @@ class DoRALinear(nn.Module):
                                                                     for p in trainable)):
             return _scaled_output(x, x_lora, weight, bias, lora_A, lora_B, self._cached_gm1(dtype),
                                   self.scaling)[0]
-        return _DoRAScaledLinear.apply(x, x_lora, weight, bias, lora_A, lora_B, self._scale(), self.scaling)
+        return _DoRAScaledLinear.apply(x, x_lora, weight, bias, lora_A, lora_B, self._scale(), self.scaling,
+                                       self.inplace_safe)
 
     def _scale(self) -> torch.Tensor:
         """g = m / ||W0 + sBA||_row in fp32, differentiable in m (and in A, B without detach_norm)."""

@@ -40,6 +40,7 @@ class DoRARule:
     magnitude_only: bool = False
     detach_norm: bool = True
     rslora: bool = False
+    inplace_safe: bool = False
 
     def __post_init__(self):
         try:
@@ -171,6 +172,11 @@ def apply_dora(
                     raise TargetingError(
                         f"rule {i} (match={rules[i].match!r}) matches {name!r}, a {type(module).__name__}; "
                         f"DoRA rules must select nn.Linear modules only")
+                parent_name = name.rpartition(".")[0]
+                if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
+                    raise TargetingError(
+                        f"rule {i} (match={rules[i].match!r}) matches {name!r}, the output projection of an "
+                        f"nn.MultiheadAttention, which reads its weight directly and would ignore the adapter")
                 chosen.append((name, module, i))
                 break
     rows = [RuleReport(r.match, "magnitude-only" if r.magnitude_only else "dora") for r in rules]

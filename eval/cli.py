@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--circular", action="store_true",
                    help="mmbench: expect predictions for every rotation (ids index + k*1000000)")
     s.add_argument("--no-meteor", action="store_true", help="captions: skip METEOR (its java process)")
+    s.add_argument("--questions", help="pope: LLaVA's llava_pope_test.jsonl, which says each prediction id's "
+                                       "category and question (the official label files reuse ids across categories)")
 
     w = sub.add_parser("submit", help="write a submission file for a server-only split")
     w.add_argument("task", choices=sorted(SUBMISSIONS))
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         elif args.command == "score":
             options = TaskOptions(allow_partial=args.allow_partial, prediction_processing=args.prediction_processing,
                                   split=args.split, splits=args.splits, circular=args.circular,
-                                  meteor=not args.no_meteor)
+                                  meteor=not args.no_meteor, questions=args.questions)
             result = score(args.task, args.pred, args.gt, options)
             _print_scores(result)
             if args.out:

@@ -69,7 +69,7 @@ def generate_answers(model, tokenizer, image_processor, questions: list[dict], i
         for q in batch:
             has_image = bool(q.get("image"))
             prompt = prompt_for_generation(q["text"], template, has_image=has_image, apply_chat_template=apply)
-            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = tokenizer(prompt, add_special_tokens=template != "chat")["input_ids"]  # chat templates add BOS
             rows.append(expand_image_tokens(ids, cfg.image_token_id, cfg.image_seq_length))
             prompts.append(prompt)
             if has_image:

@@ -114,28 +114,51 @@ def read_gqa_answers(path: PathLike) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ POPE
-def read_pope_labels(path: PathLike) -> tuple[dict[str, str], dict[str, str]]:
-    """POPE labels and categories: a directory of coco_pope_{adversarial,popular,random}.json (JSON lines with
-    question_id and label; the category is in the file name), or one JSONL with a "category" field.
-    Question ids must be unique across categories (they are in LLaVA's llava_pope_test.jsonl)."""
+def read_pope_labels(path: PathLike, questions: PathLike | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """POPE labels and categories, keyed by the question ids the predictions use.
+
+    `path` is the directory of the official coco_pope_{adversarial,popular,random}.json (JSON lines with
+    question_id, image, text, label; the category is in the file name), or one JSONL that also has a "category".
+    The official files number their questions from 1 in each file, so the ids repeat across categories; give
+    `questions` (LLaVA's llava_pope_test.jsonl: question_id, image, text, category) and each question is matched
+    to its label by category, image and question text, not by position as LLaVA's script does.
+    """
     path = Path(path)
     files = sorted(path.glob("coco_pope_*.json")) if path.is_dir() else [path]
     if not files:
         raise InputError(f"{path}: no coco_pope_*.json files")
-    labels, categories = {}, {}
+    rows = []  # (category, question_id, image, text, label, file, line)
     for file in files:
         category = file.stem[len("coco_pope_"):] if file.stem.startswith("coco_pope_") else None
         for n, r in iter_jsonl(file):
-            qid = str(_field(r, "question_id", file, f"line {n}"))
             label = str(_field(r, "label", file, f"line {n}")).strip().lower()
             if label not in ("yes", "no"):
                 raise InputError(f"{file}:{n}: label {label!r} is not yes/no")
             cat = category or r.get("category")
             if cat is None:
                 raise InputError(f"{file}:{n}: no category (use coco_pope_<category>.json files or a 'category' field)")
-            if qid in labels:
-                raise InputError(f"{file}:{n}: question_id {qid} appears twice")
-            labels[qid], categories[qid] = label, cat
+            rows.append((cat, str(_field(r, "question_id", file, f"line {n}")), r.get("image"),
+                         str(r.get("text", "")).strip(), label, file, n))
+    if questions is not None:
+        by_content = {}
+        for cat, _, image, text, label, file, n in rows:
+            by_content.setdefault((cat, image, text), label)
+        labels, categories = {}, {}
+        for n, q in iter_jsonl(questions):
+            qid = str(_field(q, "question_id", questions, f"line {n}"))
+            key = (_field(q, "category", questions, f"line {n}"), q.get("image"), str(q.get("text", "")).strip())
+            if key not in by_content:
+                raise InputError(f"{questions}:{n}: no label in {path} for question {qid} ({key[0]}, {key[1]}, "
+                                 f"{key[2]!r})")
+            labels[qid], categories[qid] = by_content[key], key[0]
+        return labels, categories
+    labels, categories = {}, {}
+    for cat, qid, _, _, label, file, n in rows:
+        if qid in labels:
+            raise InputError(f"{file}:{n}: question_id {qid} is also in another category; the official files "
+                             f"number each category from 1, so pass the question file (--questions "
+                             f"llava_pope_test.jsonl) to match predictions to labels")
+        labels[qid], categories[qid] = label, cat
     return labels, categories
 
 

@@ -34,6 +34,7 @@ class TaskOptions:
     splits: Optional[str] = None  # ScienceQA pid_splits.json, when not next to problems.json
     circular: bool = False  # MMBench: add the rotated copies of every question (prediction ids index + k*1e6)
     meteor: bool = True  # captions: METEOR needs a java subprocess
+    questions: Optional[str] = None  # POPE: the question file that maps prediction ids to category and question
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def _run_gqa(pred, gt, opt):
 
 
 def _run_pope(pred, gt, opt):
-    labels, categories = read_pope_labels(gt)
+    labels, categories = read_pope_labels(gt, opt.questions)
     matched, cov = match_ids(read_predictions(pred), labels, opt.allow_partial)
     scores = choice.pope_scores(matched, {q: labels[q] for q in matched}, categories)
     return scores, scores["mean_f1"], cov
@@ -135,7 +136,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          _run_textvqa),
     Task("gqa", "testdev_balanced", "testdev_balanced_questions.json, or VL-T5 testdev.json",
          "exact-match accuracy", "local", _run_gqa),
-    Task("pope", "adversarial/popular/random", "directory of coco_pope_<category>.json",
+    Task("pope", "adversarial/popular/random", "directory of coco_pope_<category>.json + --questions",
          "F1 (mean over categories); acc/precision/recall/yes-ratio", "local", _run_pope),
     Task("scienceqa", "test (IMG subset headline)", "problems.json (+ pid_splits.json beside it)",
          "IMG accuracy; overall accuracy", "local", _run_scienceqa),

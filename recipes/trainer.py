@@ -311,9 +311,12 @@ class Trainer:
             shutil.rmtree(root / tmp_tag)
         dist.barrier()
         client = {"epoch": epoch, "micro_in_epoch": micro_in_epoch, "losses": self.losses,
-                  "skipped": dict(self.skipped), "accumulation": self.accumulation, "world": self.world}
-        self.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False)
-        torch.save(_rng_state(), root / tmp_tag / f"rng_rank{self.rank}.pt")
+                  "accumulation": self.accumulation, "world": self.world}
+        # frozen weights (the base model) are not written: they come from the model's own checkpoint
+        self.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False,
+                                    exclude_frozen_parameters=True)
+        # what differs between ranks: RNG states and skip counts (DeepSpeed keeps client_state of rank 0 only)
+        torch.save({"rng": _rng_state(), "skipped": dict(self.skipped)}, root / tmp_tag / f"rank{self.rank}.pt")
         dist.barrier()
         if self.is_main:
             if (root / tag).exists():
@@ -329,7 +332,7 @@ class Trainer:
         return root / tag
 
     def load_checkpoint(self, path: Path) -> None:
-        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
         if client is None:
             raise ConfigError(f"{path}: not a checkpoint this trainer wrote")
         if (client["accumulation"], client["world"]) != (self.accumulation, self.world):
@@ -338,10 +341,12 @@ class Trainer:
                               f"{self.accumulation})")
         self.start_epoch, self.start_micro = client["epoch"], client["micro_in_epoch"]
         self.losses = list(client["losses"])
-        self.skipped = Counter(client["skipped"])
-        rng_file = path / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+        rank_file = path / f"rank{self.rank}.pt"
+        if not rank_file.is_file():
+            raise ConfigError(f"{path}: no {rank_file.name}; was the checkpoint written by fewer processes?")
+        state = torch.load(rank_file, weights_only=True)
+        _set_rng_state(state["rng"])
+        self.skipped = Counter(state["skipped"])
         if self.is_main:
             print(f"resumed from {path} at optimizer step {self.engine.global_steps}", flush=True)
 
@@ -384,8 +389,11 @@ class Trainer:
             skip = self.start_micro if epoch == self.start_epoch else 0
             indices = list(self.sampler)[skip * cfg.micro_batch_size:]
             usable = (self.steps_per_epoch * micro_per_step - skip) * cfg.micro_batch_size
+            # the loader gets its own generator: creating one draws a seed from the global RNG, which would shift
+            # every later dropout mask of a resumed run against an uninterrupted one
             loader = DataLoader(self.dataset, batch_size=cfg.micro_batch_size, sampler=indices[:usable],
-                                collate_fn=self.collate_fn, num_workers=cfg.num_workers)
+                                collate_fn=self.collate_fn, num_workers=cfg.num_workers,
+                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
             epoch_skips: Counter = Counter()
             window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
             micro = skip
@@ -436,10 +444,13 @@ class Trainer:
         dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------- saving
-    def gathered(self, params: Sequence[torch.nn.Parameter]):
-        """A context in which ZeRO-3 partitioned parameters hold their full values on every rank."""
-        import contextlib
-        if self.zero_stage == 3:
-            import deepspeed
-            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
-        return contextlib.nullcontext()
+    def full_fp32_state(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """The full fp32 values of parameters, from DeepSpeed's master copies where it keeps them (bf16/fp16
+        training, ZeRO partitions): saving the bf16 module copy would round magnitudes to 0.4 %. A collective:
+        every rank calls it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        out = {}
+        for name, p in params.items():
+            full = safe_get_full_fp32_param(p)
+            out[name] = (full if full is not None else p.detach()).float().cpu()
+        return out

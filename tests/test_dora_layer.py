@@ -107,7 +107,7 @@ def test_gradcheck_scaled_linear_function(separate_lora_input):
     inputs = [x, b, A, B, g] + ([x_lora] if separate_lora_input else [])
 
     def f(x, b, A, B, g, x_lora=None):
-        return _DoRAScaledLinear.apply(x, x_lora, W, b, A, B, g, 0.5)
+        return _DoRAScaledLinear.apply(x, x_lora, W, b, A, B, g, 0.5, False)
     assert torch.autograd.gradcheck(f, inputs)
 
 
@@ -433,3 +433,80 @@ def test_decomposition_analysis_from_factors_equals_dense():
     untouched = DoRALinear.from_linear(nn.Linear(20, 12).double(), rank=4, alpha=8)
     zero = dora_decomposition_delta(untouched)
     assert zero.magnitude == pytest.approx(0, abs=1e-12) and zero.direction == pytest.approx(0, abs=1e-12)
+
+
+def _dense_grads(layer, x, gy, detach=True):
+    ref = dense_dora(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling,
+                     detach_norm=detach)
+    return ref, grads(ref, [x, layer.lora_A, layer.lora_B, layer.magnitude, layer.bias], gy)
+
+
+@pytest.mark.parametrize("shape", [(16,), (2, 3, 4, 16)])
+def test_any_number_of_leading_dimensions(shape):
+    layer = make_layer(16, 12, 4)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    ref, want = _dense_grads(layer, x, gy)
+    torch.testing.assert_close(y, ref)
+    for got, w in zip(grads(y, [x, layer.lora_A, layer.lora_B, layer.magnitude, layer.bias], gy), want):
+        torch.testing.assert_close(got, w)
+
+
+def test_output_used_transposed():
+    # attention-like use: the output's gradient arrives non-contiguous
+    layer = make_layer(16, 12, 4, bias=False)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(2, 5, 12, dtype=torch.float64)
+    k = layer(x)
+    loss = (q @ k.transpose(-2, -1)).softmax(-1).pow(2).sum()
+    got = torch.autograd.grad(loss, [x, layer.lora_A, layer.lora_B, layer.magnitude])
+    ref_k = dense_dora(x, layer.weight, None, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling)
+    ref_loss = (q @ ref_k.transpose(-2, -1)).softmax(-1).pow(2).sum()
+    want = torch.autograd.grad(ref_loss, [x, layer.lora_A, layer.lora_B, layer.magnitude])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_in_place_consumers_of_the_output():
+    x = torch.randn(4, 16, dtype=torch.float64)
+    # a bias-free layer saves its own output: an in-place op on it is caught by autograd, not silently wrong
+    plain = make_layer(16, 12, 4, bias=False)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.relu_(plain(x)).sum().backward()
+    # inplace_safe keeps a separate copy; a layer with bias always returns a separate tensor
+    for layer in (make_layer(16, 12, 4, bias=False, inplace_safe=True), make_layer(16, 12, 4)):
+        gy = torch.ones(4, 12, dtype=torch.float64)
+        y = layer(x)
+        got = grads(torch.relu_(y), [layer.lora_A, layer.lora_B, layer.magnitude], gy)
+        ref = torch.relu(dense_dora(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude,
+                                    layer.scaling))
+        want = grads(ref, [layer.lora_A, layer.lora_B, layer.magnitude], gy)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_magnitude_gradient_stays_accurate_with_a_large_bias_in_bf16():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64).bfloat16()
+    with torch.no_grad():
+        linear.bias.normal_(0, 10.0)  # |b| >> |W x|: y - b would have lost u's digits
+    layer = DoRALinear.from_linear(linear, rank=4, alpha=8)
+    x = torch.randn(512, 256).bfloat16()
+    gy = torch.randn(512, 64).bfloat16()
+    (got,) = torch.autograd.grad(layer(x), [layer.magnitude], gy)
+    w, b = layer.weight.double(), layer.bias.double()
+    m = layer.magnitude.detach().double().requires_grad_(True)
+    ref = (m / w.norm(dim=1)) * (x.double() @ w.t()) + b
+    (want,) = torch.autograd.grad(ref, [m], gy.double())
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_training_after_inference_mode():
+    layer = make_layer(16, 12, 4, dtype=torch.float32)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()  # the norm cached under inference mode is not reused by autograd
+    assert torch.isfinite(layer.magnitude.grad).all()

@@ -246,3 +246,24 @@ def test_dora_linear_is_a_drop_in_for_nn_linear():
     layer = DoRALinear(6, 4, rank=2, alpha=4)
     assert layer.weight.shape == (4, 6) and layer.lora_A.shape == (2, 6) and layer.lora_B.shape == (4, 2)
     assert "rank=2" in repr(layer)
+
+
+def test_multihead_attention_out_proj_is_refused():
+    # nn.MultiheadAttention reads out_proj.weight itself: an adapter there would silently do nothing
+    model = nn.Sequential()
+    model.add_module("attn", nn.MultiheadAttention(8, 2))
+    with pytest.raises(TargetingError, match="nn.MultiheadAttention"):
+        apply_dora(model, [{"match": r"attn\.out_proj", "rank": 2}], verbose=False)
+
+
+def test_export_peft_takes_tensors_from_a_state_dict(tmp_path):
+    from safetensors.torch import load_file
+
+    from dora import adapter_state_dict
+    model = adapted()
+    state = {k: v.detach().clone() + 1.0 for k, v in adapter_state_dict(model).items()}  # e.g. fp32 masters
+    export_peft(model, tmp_path / "peft", state_dict=state)
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert torch.equal(tensors["base_model.model.layers.0.q_proj.lora_magnitude_vector"],
+                       state["layers.0.q_proj.magnitude"])
+    assert torch.equal(tensors["base_model.model.projector.0.weight"], state["projector.0.weight"])

@@ -82,17 +82,30 @@ def test_gqa(tmp_path, capsys):
     assert code == 0 and out["score"] == pytest.approx(50.0)
 
 
-def test_pope_matched_by_id_not_position(tmp_path, capsys):
+def test_pope_official_files_matched_through_the_question_file(tmp_path, capsys):
     d = tmp_path / "pope"
     d.mkdir()
-    write_jsonl(d / "coco_pope_random.json", [{"question_id": 1, "image": "x.jpg", "text": "?", "label": "yes"},
-                                               {"question_id": 2, "image": "x.jpg", "text": "?", "label": "no"}])
-    write_jsonl(d / "coco_pope_adversarial.json", [{"question_id": 3, "image": "y.jpg", "text": "?", "label": "no"}])
-    # predictions in a different order than the labels
-    p = preds(tmp_path / "a.jsonl", {3: "No, there is not.", 2: "No.", 1: "Yes, there is."})
-    code, out, _ = run(capsys, "score", "pope", "--pred", p, "--gt", d, "--out", tmp_path / "r.json")
-    assert code == 0
-    assert out["scores"]["random"]["accuracy"] == 1.0 and out["scores"]["adversarial"]["accuracy"] == 1.0
+    # as the official files: each category numbers its questions from 1
+    write_jsonl(d / "coco_pope_random.json", [
+        {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"},
+        {"question_id": 2, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"}])
+    write_jsonl(d / "coco_pope_adversarial.json", [
+        {"question_id": 1, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"},
+        {"question_id": 2, "image": "b.jpg", "text": "Is there a car in the image?", "label": "yes"}])
+    questions = write_jsonl(tmp_path / "llava_pope_test.jsonl", [
+        {"question_id": 10, "image": "a.jpg", "text": "Is there a dog in the image?", "category": "random"},
+        {"question_id": 11, "image": "a.jpg", "text": "Is there a cat in the image?", "category": "random"},
+        {"question_id": 12, "image": "a.jpg", "text": "Is there a cat in the image?", "category": "adversarial"},
+        {"question_id": 13, "image": "b.jpg", "text": "Is there a car in the image?", "category": "adversarial"}])
+    # predictions in another order than the questions, and one wrong
+    p = preds(tmp_path / "a.jsonl", {13: "No, there is no car.", 12: "No.", 11: "No, there is not.", 10: "Yes."})
+    code, out, text = run(capsys, "score", "pope", "--pred", p, "--gt", d, "--questions", questions,
+                          "--out", tmp_path / "r.json")
+    assert code == 0, text
+    assert out["scores"]["random"]["accuracy"] == 1.0 and out["scores"]["adversarial"]["accuracy"] == 0.5
+    assert out["scores"]["adversarial"]["recall"] == 0.0
+    code, _, text = run(capsys, "score", "pope", "--pred", p, "--gt", d)  # ids repeat: the question file is needed
+    assert code == 2 and "pass the question file" in text
 
 
 def test_scienceqa(tmp_path, capsys):

@@ -195,3 +195,19 @@ def test_rank_sampler_shares_cover_the_data_and_are_padded_to_whole_steps():
     first.set_epoch(1)
     again.set_epoch(1)
     assert list(first) == list(again) and list(first) != shares[0]  # reproducible, new order per epoch
+
+
+def test_a_chat_template_that_changes_a_message_is_a_counted_skip(parts, llava_assets):
+    tok, proc = parts
+
+    class Trimming:  # a tokenizer whose chat template trims messages
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def apply_chat_template(self, messages, tokenize=False):
+            return "".join(f"{m['role']}: {m['content'].strip()}</s>" for m in messages)
+
+    record = {"id": "trim", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red \n"}]}
+    cfg = LlavaDataConfig(data_path="", template="chat")
+    ds = LlavaDataset(cfg, Trimming(), proc, tok.convert_tokens_to_ids(IMAGE_TOKEN), N_IMAGE, records=[record])
+    assert ds[0]["skip"] == "malformed record"

@@ -70,3 +70,19 @@ def test_model_section_must_name_a_model():
         build_llava(LlavaModelConfig(llm="somewhere"))
     with pytest.raises(ModelConfigError, match="either model.llava"):
         build_llava(LlavaModelConfig(llava="a", llm="b"))
+
+
+def test_gradient_checkpointing_recomputes_layers_and_reuses_the_norm(llava_assets):
+    cfg = LlavaModelConfig(llm=str(llava_assets["llm"]), vision_tower=str(llava_assets["vision"]),
+                           projector=str(llava_assets["projector"]), dtype="fp32", gradient_checkpointing=True)
+    model, _, _ = build_llava(cfg)
+    apply_dora(model, RECIPE_RULES["rules"], RECIPE_RULES["train_fully"], verbose=False)
+    model.train()
+    layer = dora_modules(model)["model.language_model.layers.0.self_attn.q_proj"]
+    calls = []
+    layer.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 2  # forward, and its recomputation in backward
+    assert layer.norm_computations == 1  # which reused the cached norm
+    assert layer.lora_B.grad is not None

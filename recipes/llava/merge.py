@@ -13,6 +13,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from dora import load_adapter, unload_dora
 from recipes.config import load_config, section
 from recipes.llava.model import LlavaModelConfig, build_llava
@@ -24,6 +26,8 @@ def merge_run(run_dir: Path, out: Path, with_adapter: bool = True, dtype: str | 
     model_section["gradient_checkpointing"] = False
     if dtype:
         model_section["dtype"] = dtype
+    # seeded as train.py is: a run without a projector file then starts from the same random projector
+    torch.manual_seed(config.get("train", {}).get("seed", 42))
     model, tokenizer, image_processor = build_llava(LlavaModelConfig(**model_section))
     if with_adapter:
         load_adapter(model, run_dir / "adapter")

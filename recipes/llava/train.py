@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(ROOT))
 
 from data.llava import LlavaCollator, LlavaDataConfig, LlavaDataset  # noqa: E402
-from dora import apply_dora, export_peft, save_adapter  # noqa: E402
+from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.llava.model import LlavaModelConfig, build_llava  # noqa: E402
 from recipes.trainer import TrainConfig, Trainer  # noqa: E402
@@ -102,11 +102,11 @@ def main(argv=None) -> int:
         return 0
 
     module = trainer.engine.module
-    with trainer.gathered([p for p in module.parameters() if p.requires_grad]):
-        if trainer.is_main:
-            meta = {"recipe": "llava", "config": str(out / "config.yaml"), "steps": result.global_step}
-            save_adapter(module, out / "adapter", metadata=meta)
-            export_peft(module, out / "adapter_peft")
+    state = trainer.full_fp32_state(adapter_state_dict(module))
+    if trainer.is_main:
+        meta = {"recipe": "llava", "config": str(out / "config.yaml"), "steps": result.global_step}
+        save_adapter(module, out / "adapter", metadata=meta, state_dict=state)
+        export_peft(module, out / "adapter_peft", state_dict=state)
     if trainer.is_main:
         tokenizer.save_pretrained(out / "tokenizer")
         image_processor.save_pretrained(out / "tokenizer")
