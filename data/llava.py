@@ -1,10 +1,11 @@
-"""LLaVA visual-instruction data: records -> token ids, labels and pixel values; batching and grouping.
+"""LLaVA visual-instruction data: records -> token ids, labels and pixel values, and their batching.
 
 Records are LLaVA's: {"id", "image" (optional, relative to the image folder), "conversations": [...]}, in a
 JSON list or in JSON lines. A file that is not valid JSON fails at load time naming the line. A sample that
 cannot be used (malformed record, missing or unreadable image, image tokens cut by truncation, answer entirely
-truncated) is skipped, counted by reason and logged with its id and index; `SkipLog.summary()` reports the
-counts (the trainer prints them at the end of every epoch). Nothing is masked silently.
+truncated) comes back as {"skip": reason}: it is logged with its id and index here, left out of the batch by the
+collator, and counted by reason by the trainer, which prints the counts at the end of every epoch. Nothing is
+masked silently.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def load_records(path: str | Path) -> list[dict]:
 
 @dataclass
 class SkipLog:
-    """Counts of skipped samples by reason; the first few of each reason are logged with id and index."""
+    """Logs skipped samples with id and index, the first few of each reason (per process: the trainer counts)."""
 
     max_logged_per_reason: int = 5
     counts: Counter = field(default_factory=Counter)
@@ -73,13 +74,6 @@ class SkipLog:
         if self.counts[reason] <= self.max_logged_per_reason:
             log.warning("skipped sample %s (index %d): %s%s", sample_id, index, reason, f" ({detail})" if detail else "")
 
-    def summary(self) -> str:
-        if not self.counts:
-            return "no samples skipped"
-        return "skipped samples: " + ", ".join(f"{reason} {n}" for reason, n in sorted(self.counts.items()))
-
-    def reset(self) -> None:
-        self.counts.clear()
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -53,8 +53,8 @@ def answer_and_score(model_dir: Path, root: Path, name: str) -> dict:
            "--out", str(scores)])
     result = json.loads(scores.read_text())
     per_type = {}
-    questions = {json.loads(line)["question_id"]: json.loads(line)["category"]
-                 for line in (root / "data" / "eval_questions.jsonl").read_text().splitlines()}
+    records = [json.loads(line) for line in (root / "data" / "eval_questions.jsonl").read_text().splitlines()]
+    questions = {q["question_id"]: q["category"] for q in records}
     gts = {a["question_id"]: a["answers"][0]["answer"]
            for a in json.loads((root / "data" / "eval_annotations.json").read_text())["annotations"]}
     for line in answers.read_text().splitlines():
