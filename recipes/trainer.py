@@ -293,7 +293,8 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.start_epoch, self.start_micro, self.losses = 0, 0, []
-        self.skipped: Counter = Counter()
+        self.skipped: Counter = Counter()  # skipped samples by reason, this rank, since the start of training
+        self.epoch_skipped: Counter = Counter()  # the same, in the current epoch
         self.paused = False
 
     @property
@@ -316,7 +317,8 @@ class Trainer:
         self.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False,
                                     exclude_frozen_parameters=True)
         # what differs between ranks: RNG states and skip counts (DeepSpeed keeps client_state of rank 0 only)
-        torch.save({"rng": _rng_state(), "skipped": dict(self.skipped)}, root / tmp_tag / f"rank{self.rank}.pt")
+        torch.save({"rng": _rng_state(), "skipped": dict(self.skipped), "epoch_skipped": dict(self.epoch_skipped)},
+                   root / tmp_tag / f"rank{self.rank}.pt")
         dist.barrier()
         if self.is_main:
             if (root / tag).exists():
@@ -347,6 +349,7 @@ class Trainer:
         state = torch.load(rank_file, weights_only=True)
         _set_rng_state(state["rng"])
         self.skipped = Counter(state["skipped"])
+        self.epoch_skipped = Counter(state["epoch_skipped"])
         if self.is_main:
             print(f"resumed from {path} at optimizer step {self.engine.global_steps}", flush=True)
 
@@ -394,11 +397,13 @@ class Trainer:
             loader = DataLoader(self.dataset, batch_size=cfg.micro_batch_size, sampler=indices[:usable],
                                 collate_fn=self.collate_fn, num_workers=cfg.num_workers,
                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            epoch_skips: Counter = Counter()
+            if epoch != self.start_epoch or not skip:
+                self.epoch_skipped = Counter()
             window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
             micro = skip
             for batch in loader:
-                epoch_skips.update(batch.get("skipped", []))
+                self.skipped.update(batch.get("skipped", []))
+                self.epoch_skipped.update(batch.get("skipped", []))
                 self.engine.train()
                 loss, tokens = self.loss_fn(self.engine, batch)
                 self.engine.backward(loss)
@@ -421,16 +426,13 @@ class Trainer:
                 step = self.engine.global_steps
                 pause = cfg.pause_at_step is not None and step == cfg.pause_at_step and step < self.total_steps
                 if (cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps) or pause:
-                    self.skipped.update(epoch_skips)
-                    epoch_skips = Counter()
                     self.save_checkpoint(epoch, micro)
                 if pause:
                     self.paused = True
                 if step >= self.total_steps or pause:
                     done = True
                     break
-            self.skipped.update(epoch_skips)
-            total_skips = self._gather_skips(epoch_skips)
+            total_skips = self._gather_skips(self.epoch_skipped)
             if self.is_main:
                 summary = ", ".join(f"{k} {v}" for k, v in sorted(total_skips.items())) or "none"
                 tqdm.write(f"epoch {epoch}: skipped samples: {summary}")
