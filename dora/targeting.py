@@ -172,8 +172,7 @@ def apply_dora(
                     raise TargetingError(
                         f"rule {i} (match={rules[i].match!r}) matches {name!r}, a {type(module).__name__}; "
                         f"DoRA rules must select nn.Linear modules only")
-                parent_name = name.rpartition(".")[0]
-                if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
+                if isinstance(_parent(model, name)[0], nn.MultiheadAttention):
                     raise TargetingError(
                         f"rule {i} (match={rules[i].match!r}) matches {name!r}, the output projection of an "
                         f"nn.MultiheadAttention, which reads its weight directly and would ignore the adapter")
@@ -209,8 +208,7 @@ def apply_dora(
     for name, linear, i in chosen:
         rule = rules[i]
         layer = DoRALinear.from_linear(linear, rule.rank, rule.alpha, **rule.layer_options())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        setattr(*_parent(model, name), layer)
     for row in rows:
         row.trainable = sum(_numel(p) for n in row.matched for p in _adapter_parameters(model.get_submodule(n)))
 
@@ -233,6 +231,12 @@ def apply_dora(
     if verbose:
         print(report.table())
     return report
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that holds the submodule `name`, and its attribute name there."""
+    parent, _, child = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), child
 
 
 def _adapter_parameters(module: DoRALinear) -> list[nn.Parameter]:
@@ -268,8 +272,7 @@ def unmerge_dora(model: nn.Module) -> nn.Module:
 def unload_dora(model: nn.Module) -> nn.Module:
     """Merge and replace every DoRALinear by a plain nn.Linear: a model that no longer needs this library."""
     for name, module in dora_modules(model).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_linear())
+        setattr(*_parent(model, name), module.to_linear())
     if hasattr(model, SPEC_ATTRIBUTE):
         delattr(model, SPEC_ATTRIBUTE)
     return model

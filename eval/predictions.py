@@ -113,11 +113,14 @@ def match_ids(predictions: Predictions, expected: Iterable[str], allow_partial: 
     return matched, Coverage(len(matched), len(expected), missing, len(predictions.empty))
 
 
-def write_jsonl(path: PathLike, records: Iterable[Mapping]) -> None:
+def write_text(path: PathLike, text: str) -> None:
+    """Write a file under a temporary name and rename it: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_jsonl(path: PathLike, records: Iterable[Mapping]) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .predictions import InputError, read_predictions
+from .predictions import InputError, read_predictions, write_text
 from .readers import iter_jsonl, load_json
 from .vqa import evalai_normalize
 
@@ -25,13 +25,6 @@ def _question_ids(path: Path, key: str) -> list[str]:
     return [str(r[key]) for r in records]
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
 def vqav2_submission(predictions: Path, questions: Path, out: Path) -> dict:
     preds = read_predictions(predictions).text
     ids = _question_ids(questions, "question_id")
@@ -39,7 +32,7 @@ def vqav2_submission(predictions: Path, questions: Path, out: Path) -> dict:
     if unknown:
         raise InputError(f"{predictions}: {len(unknown)} ids are not in {questions}, e.g. {sorted(unknown)[:5]}")
     # test-dev answers are scored inside the full test2015 file; the other questions are sent empty.
-    _write_json(out, [{"question_id": int(q), "answer": evalai_normalize(preds.get(q, ""))} for q in ids])
+    write_text(out, json.dumps([{"question_id": int(q), "answer": evalai_normalize(preds.get(q, ""))} for q in ids]))
     return {"questions": len(ids), "answered": len(preds), "empty": len(ids) - len(preds), "file": str(out)}
 
 
@@ -57,7 +50,7 @@ def vizwiz_submission(predictions: Path, questions: Path, out: Path) -> dict:
     if missing:
         raise InputError(f"{predictions}: {len(missing)} VizWiz questions unanswered, e.g. {missing[:5]}; "
                          f"the server needs all of them")
-    _write_json(out, [{"image": i, "answer": evalai_normalize(answers[i])} for i in images])
+    write_text(out, json.dumps([{"image": i, "answer": evalai_normalize(answers[i])} for i in images]))
     return {"questions": len(images), "file": str(out)}
 
 
