@@ -9,7 +9,9 @@ Templates:
   after it (the tokenizer's eos token unless told otherwise).
 
 Labels are then derived from token offsets (see `data.llava`), so they always agree with how the tokenizer cut
-the whole string: no per-round re-tokenisation and no "tokenization mismatch" that silently masks a sample.
+the string: no per-round re-tokenisation and no "tokenization mismatch" that silently masks a sample.
+Each rendering also records where the conversation's own text lies (`content`), so that a literal "</s>" typed
+in a message can be told from the template's own end-of-turn token.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Turn:
 class Rendered:
     text: str
     supervised: tuple[tuple[int, int], ...]  # character spans [start, end) whose tokens carry labels
+    content: tuple[tuple[int, int], ...] = ()  # character spans of the messages' own text
 
 
 def parse_turns(conversations: Sequence[dict], has_image: bool) -> list[Turn]:
@@ -54,13 +57,16 @@ def parse_turns(conversations: Sequence[dict], has_image: bool) -> list[Turn]:
         role = ROLES.get(c["from"])
         if role is None:
             raise ConversationError(f"turn {i} has unknown role {c['from']!r}")
-        value = str(c["value"])
+        value = c["value"]
+        if not isinstance(value, str):  # null or a number would otherwise train on the text "None"
+            raise ConversationError(f"turn {i}: 'value' is {type(value).__name__}, not a string")
         if IMAGE_TOKEN in value:
             if not has_image:
                 raise ConversationError(f"turn {i} has {IMAGE_TOKEN} but the record has no image")
             if placed:
                 raise ConversationError(f"turn {i}: more than one {IMAGE_TOKEN} (one image per sample)")
-            value = IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()
+            # as LLaVA: a turn that is only "<image>" becomes "<image>", not "<image>\n"
+            value = (IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()).strip()
             placed = True
         turns.append(Turn(role, value))
     if has_image and not placed:
@@ -79,43 +85,46 @@ def parse_turns(conversations: Sequence[dict], has_image: bool) -> list[Turn]:
 
 
 def render_vicuna_v1(turns: Sequence[Turn], system: str = VICUNA_SYSTEM, eos: str = "</s>") -> Rendered:
-    parts, spans = [system + " "], []
+    """Supervised: each answer from the space after "ASSISTANT:" through its "</s>". LLaVA labels every token
+    after "ASSISTANT:", and sentencepiece gives an answer that starts with a digit, a byte-fallback character or
+    a newline a bare "▁" token for that space: leaving it out would never teach the model to open such answers."""
+    parts, spans, content = [system + " "], [], []
     pos = len(parts[0])
     for t in turns:
-        if t.role == "user":
-            piece = f"USER: {t.text} "
-        else:
-            head = "ASSISTANT: "
-            piece = f"{head}{t.text}{eos}"
-            spans.append((pos + len(head), pos + len(piece)))
+        head = "USER: " if t.role == "user" else "ASSISTANT: "
+        piece = f"{head}{t.text} " if t.role == "user" else f"{head}{t.text}{eos}"
+        content.append((pos + len(head), pos + len(head) + len(t.text)))
+        if t.role == "assistant":
+            spans.append((pos + len(head) - 1, pos + len(piece)))
         parts.append(piece)
         pos += len(piece)
-    return Rendered("".join(parts), tuple(spans))
+    return Rendered("".join(parts), tuple(spans), tuple(content))
 
 
 def render_plain(turns: Sequence[Turn]) -> Rendered:
     """Pretraining: the image and the caption (the first assistant turn), nothing else."""
     caption = next(t.text for t in turns if t.role == "assistant")
     text = IMAGE_TOKEN + caption + "\n"
-    return Rendered(text, ((len(IMAGE_TOKEN), len(text)),))
+    return Rendered(text, ((len(IMAGE_TOKEN), len(text)),), ((len(IMAGE_TOKEN), len(IMAGE_TOKEN) + len(caption)),))
 
 
 def render_with_chat_template(turns: Sequence[Turn], apply_chat_template: Callable[[list[dict]], str],
                               end_of_turn: Optional[str]) -> Rendered:
-    """Render with a tokenizer's chat template; each assistant message is located in the output in order."""
+    """Render with a tokenizer's chat template; each message is located in the output in order."""
     text = apply_chat_template([{"role": t.role, "content": t.text} for t in turns])
-    spans, pos = [], 0
+    spans, content, pos = [], [], 0
     for t in turns:
         start = text.find(t.text, pos)
         if start < 0:
             raise ConversationError("the chat template changed a message's text; cannot locate it")
         end = start + len(t.text)
+        content.append((start, end))
         if t.role == "assistant":
             if end_of_turn and text.startswith(end_of_turn, end):
                 end += len(end_of_turn)
             spans.append((start, end))
         pos = end
-    return Rendered(text, tuple(spans))
+    return Rendered(text, tuple(spans), tuple(content))
 
 
 TEMPLATES = ("vicuna_v1", "plain", "chat")
@@ -134,15 +143,25 @@ def render(turns: Sequence[Turn], template: str, *, eos: str = "</s>", apply_cha
     raise ValueError(f"unknown template {template!r}; templates: {TEMPLATES}")
 
 
-def prompt_for_generation(question: str, template: str, *, has_image: bool, apply_chat_template=None) -> str:
-    """The prompt a model answers at evaluation: one user turn and an open assistant turn."""
+def render_prompt(question: str, template: str, *, has_image: bool, apply_chat_template=None) -> Rendered:
+    """The prompt a model answers at evaluation: one user turn and an open assistant turn (nothing supervised).
+    The vicuna prompt ends at "ASSISTANT:", as LLaVA's: the answer's first token carries its own space."""
     text = question.replace(IMAGE_TOKEN, "").strip()
     if has_image:
-        text = IMAGE_TOKEN + "\n" + text
+        text = IMAGE_TOKEN + "\n" + text  # as LLaVA's model_vqa_loader
     if template == "vicuna_v1":
-        return f"{VICUNA_SYSTEM} USER: {text} ASSISTANT:"
+        head = f"{VICUNA_SYSTEM} USER: "
+        return Rendered(f"{head}{text} ASSISTANT:", (), ((len(head), len(head) + len(text)),))
     if template == "plain":
-        return IMAGE_TOKEN if has_image else ""
+        return Rendered(IMAGE_TOKEN if has_image else "", ())
     if template == "chat":
-        return apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        rendered = apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        start = rendered.find(text)
+        if start < 0:
+            raise ConversationError("the chat template changed the question's text; cannot locate it")
+        return Rendered(rendered, (), ((start, start + len(text)),))
     raise ValueError(f"unknown template {template!r}")
+
+
+def prompt_for_generation(question: str, template: str, *, has_image: bool, apply_chat_template=None) -> str:
+    return render_prompt(question, template, has_image=has_image, apply_chat_template=apply_chat_template).text

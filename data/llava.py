@@ -1,11 +1,15 @@
 """LLaVA visual-instruction data: records -> token ids, labels and pixel values, and their batching.
 
 Records are LLaVA's: {"id", "image" (optional, relative to the image folder), "conversations": [...]}, in a
-JSON list or in JSON lines. A file that is not valid JSON fails at load time naming the line. A sample that
-cannot be used (malformed record, missing or unreadable image, image tokens cut by truncation, answer entirely
-truncated) comes back as {"skip": reason}: it is logged with its id and index here, left out of the batch by the
-collator, and counted by reason by the trainer, which prints the counts at the end of every epoch. Nothing is
-masked silently.
+JSON list or in JSON lines. A file that is not valid JSON fails at load time naming the line, and a missing
+image folder fails at start-up. A sample that cannot be used (malformed record or wrong-typed field, missing or
+unreadable image, image tokens cut by truncation, answer entirely truncated) comes back as {"skip": reason}: it
+is logged with its id and index here, left out of the batch by the collator, and counted by reason by the
+trainer, which prints the counts at the end of every epoch and stops when they pass `train.max_skip_rate`.
+Nothing is masked silently.
+
+Token ids follow LLaVA's `tokenizer_image_token`: the text before and after "<image>" is tokenized by separate
+calls, so with a sentencepiece tokenizer the text after the image starts with its own "▁" (see `encode`).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from .conversation import IMAGE_TOKEN, ConversationError, parse_turns, render
+from .conversation import IMAGE_TOKEN, ConversationError, Rendered, parse_turns, render
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -105,6 +109,69 @@ def load_image(path: Path, image_processor, aspect_ratio: str = "pad") -> torch.
     return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+@dataclass(frozen=True)
+class Encoding:
+    ids: list[int]
+    offsets: list[tuple[int, int]]  # character span of each token in the rendered text ((s, s) for BOS)
+
+
+def _overlaps(start: int, end: int, spans: Sequence[tuple[int, int]]) -> bool:
+    return any(start < e and end > s for s, e in spans)
+
+
+def _encode_piece(tokenizer, text: str, base: int, content: Sequence[tuple[int, int]], add_special_tokens: bool,
+                  special_ids: set[int]) -> Encoding:
+    """One tokenizer call. Special-token strings inside the messages' own text (a "</s>" typed in an answer)
+    are kept as text: the piece is tokenized again with `split_special_tokens`, and the template's own special
+    tokens are put back where they were. A token that straddles one of those and the text around it cannot be
+    put back: the sample is skipped."""
+    def call(split):
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                        split_special_tokens=split)
+        return list(enc["input_ids"]), [(s + base, e + base) for s, e in enc["offset_mapping"]]
+
+    ids, offsets = call(False)
+    special = [(t, s, e) for t, (s, e) in zip(ids, offsets) if t in special_ids and e > s]
+    if not any(_overlaps(s, e, content) for _, s, e in special):
+        return Encoding(ids, offsets)
+    controls = [(t, s, e) for t, s, e in special if not _overlaps(s, e, content)]
+    out_ids, out_offsets = [], []
+    for t, (s, e) in zip(*call(True)):
+        control = next(((ct, cs, ce) for ct, cs, ce in controls if s < ce and e > cs), None)
+        if control is None:
+            out_ids.append(t)
+            out_offsets.append((s, e))
+        elif control[1] <= s and e <= control[2]:
+            if not out_offsets or out_offsets[-1] != control[1:]:  # the control token's first piece
+                out_ids.append(control[0])
+                out_offsets.append(control[1:])
+        else:
+            raise SampleError("special token text in content", f"a token at characters {s}-{e} straddles a "
+                                                               f"literal special-token string and the template")
+    return Encoding(out_ids, out_offsets)
+
+
+def encode(tokenizer, rendered: Rendered, image_token_id: int, add_special_tokens: bool = True) -> Encoding:
+    """Token ids as LLaVA's `tokenizer_image_token` makes them: the text on either side of "<image>" is
+    tokenized by its own call (the first one adds BOS), and the image token goes between. With vicuna's
+    sentencepiece tokenizer the text after the image therefore starts with "▁" (id 29871), which one call over
+    the whole string would drop. Inside each piece the tokenizer cuts the string as it does by itself, so a
+    round boundary "</s>USER" follows the installed tokenizer (see the README: the paper's transformers 4.31 cut
+    it differently)."""
+    special_ids = set(tokenizer.all_special_ids)
+    ids, offsets, pos = [], [], 0
+    for k, piece in enumerate(rendered.text.split(IMAGE_TOKEN)):
+        if k:
+            ids.append(image_token_id)
+            offsets.append((pos, pos + len(IMAGE_TOKEN)))
+            pos += len(IMAGE_TOKEN)
+        enc = _encode_piece(tokenizer, piece, pos, rendered.content, add_special_tokens and k == 0, special_ids)
+        ids += enc.ids
+        offsets += enc.offsets
+        pos += len(piece)
+    return Encoding(ids, offsets)
+
+
 def expand_image_tokens(ids: list[int], image_token_id: int, count: int) -> list[int]:
     """Each "<image>" token becomes `count` image tokens (the tower's patch count)."""
     out = []
@@ -146,6 +213,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.image_token_id = image_token_id
         self.image_seq_length = image_seq_length
         self.skips = skips or SkipLog()
+        with_image = sum(1 for r in self.records if isinstance(r, dict) and r.get("image"))
+        if with_image and not Path(config.image_folder).is_dir():
+            raise DataFormatError(f"image folder {config.image_folder!r} not found ({with_image} records of "
+                                  f"{config.data_path or 'the data'} have an image)")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -155,11 +226,12 @@ class LlavaDataset(torch.utils.data.Dataset):
         """LLaVA's length estimate for grouping: words in the conversation (+ the image tokens), positive for
         samples with an image and negative for text-only ones."""
         out = []
-        for r in self.records:
-            conv = r.get("conversations") if isinstance(r, dict) else None
+        for r in self.records:  # malformed records get a length here and are skipped when read
+            record = r if isinstance(r, dict) else {}
+            conv = record.get("conversations")
             words = sum(len(str(c.get("value", "")).split()) for c in conv if isinstance(c, dict)) \
                 if isinstance(conv, list) else 1
-            out.append(words + self.image_seq_length if r.get("image") else -max(words, 1))
+            out.append(words + self.image_seq_length if record.get("image") else -max(words, 1))
         return out
 
     def __getitem__(self, index: int) -> dict:
@@ -178,6 +250,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise SampleError("malformed record", "expected an object with a 'conversations' list")
         has_image = bool(record.get("image"))
+        if has_image and not isinstance(record["image"], str):
+            raise SampleError("malformed record", f"'image' is a {type(record['image']).__name__}, not a path")
         try:
             turns = parse_turns(record["conversations"], has_image)
             input_ids, labels = self.tokenize(turns, has_image)
@@ -202,10 +276,9 @@ class LlavaDataset(torch.utils.data.Dataset):
     def tokenize(self, turns, has_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
         rendered = self.render(turns)
         # a chat template writes its own special tokens (BOS included); the others get the tokenizer's
-        enc = self.tokenizer(rendered.text, return_offsets_mapping=True,
-                             add_special_tokens=self.config.template != "chat")
-        ids = list(enc["input_ids"])
-        labels = supervised_labels(enc["offset_mapping"], rendered.supervised, ids)
+        enc = encode(self.tokenizer, rendered, self.image_token_id, add_special_tokens=self.config.template != "chat")
+        ids = enc.ids
+        labels = supervised_labels(enc.offsets, rendered.supervised, ids)
         # One "<image>" token becomes the tower's patch count of image tokens, never supervised.
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(positions) != (1 if has_image else 0):

@@ -51,8 +51,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     scheduler: str = "cosine"  # cosine | linear | constant (all with linear warmup)
     warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "auto"  # auto: bf16 on GPUs that have it, fp32 on CPU; or bf16 | fp16 | fp32
+    tf32: bool = False  # allow TF32 matmuls on Ampere and newer GPUs (HF's --tf32)
     deepspeed: str = "launch/zero3.json"
     seed: int = 42
     group_by_modality_length: bool = False
@@ -62,6 +63,8 @@ class TrainConfig:
     save_total_limit: int = 2
     pause_at_step: Optional[int] = None  # checkpoint and stop at this step, schedule unchanged (time-sliced jobs)
     resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | none | a checkpoint directory
+    max_skip_rate: float = 0.01  # stop when more than this share of an epoch's samples was skipped as unusable
+    skip_check_after: int = 1000  # ... checked once this many samples of the epoch were read, and at its end
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -72,6 +75,10 @@ class TrainConfig:
         if "output_dir" not in data:
             raise ConfigError("config section 'train' needs output_dir")
         return cls(**data)
+
+
+class TooManySkipsError(RuntimeError):
+    """More of an epoch's samples were unusable than train.max_skip_rate allows (a wrong image folder, say)."""
 
 
 # --------------------------------------------------------------------------------------------- distributed
@@ -255,10 +262,20 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, dataset, collate_fn: Callable,
                  loss_fn: Callable, lengths: Optional[Sequence[int]] = None, hidden_size: int = 1024):
-        from data.sampling import RankSampler
-
         self.config = config
         self.rank, self.world, self.device = init_distributed()
+        try:
+            self._setup(model, dataset, collate_fn, loss_fn, lengths, hidden_size)
+        except BaseException:
+            # leave the process group before the error ends the process: a gloo group torn down at interpreter
+            # exit can abort it ("terminate called without an active exception") and hide the error's exit code
+            dist.destroy_process_group()
+            raise
+
+    def _setup(self, model, dataset, collate_fn, loss_fn, lengths, hidden_size) -> None:
+        from data.sampling import RankSampler
+
+        config = self.config
         self.precision = resolve_precision(config.precision)
         if config.global_batch_size % (config.micro_batch_size * self.world):
             raise ConfigError(f"train.global_batch_size {config.global_batch_size} is not a multiple of "
@@ -277,6 +294,9 @@ class Trainer:
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
 
+        if config.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         groups = parameter_groups(model, config)
@@ -365,10 +385,22 @@ class Trainer:
         self.load_checkpoint(path)
 
     # ------------------------------------------------------------------------------------------- loop
-    def _reduce_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+    def _reduce_sum(self, values: list[float]) -> list[float]:
+        """One all-reduce for all of a step's statistics: no extra host syncs per value."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
-        return t.item() / self.world
+        return t.tolist()
+
+    def _check_skip_rate(self, epoch: int, skipped: int, seen: int, epoch_end: bool) -> None:
+        """Every rank sees the same all-reduced counts, so every rank raises together (no rank left waiting)."""
+        cfg = self.config
+        if not skipped or not (epoch_end or seen >= cfg.skip_check_after) or skipped <= cfg.max_skip_rate * seen:
+            return
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self._gather_skips(self.epoch_skipped).items()))
+        raise TooManySkipsError(
+            f"epoch {epoch}: {skipped} of the {seen} samples read were skipped ({skipped / seen:.1%}; {reasons}), "
+            f"more than train.max_skip_rate {cfg.max_skip_rate:.1%}. The first samples of each reason are logged "
+            f"above with their ids: fix the data (or its image folder), or raise train.max_skip_rate.")
 
     def _gather_skips(self, local: Counter) -> Counter:
         gathered = [None] * self.world
@@ -399,8 +431,10 @@ class Trainer:
                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             if epoch != self.start_epoch or not skip:
                 self.epoch_skipped = Counter()
-            window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+            # loss summed over the micro-batches that had tokens (an all-skipped one is not a loss of 0), their count
+            window_loss, window_batches, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
             micro = skip
+            epoch_skips = 0  # all ranks, this epoch, as of the last optimizer step
             for batch in loader:
                 self.skipped.update(batch.get("skipped", []))
                 self.epoch_skipped.update(batch.get("skipped", []))
@@ -410,19 +444,24 @@ class Trainer:
                 before = self.engine.global_steps
                 self.engine.step()
                 micro += 1
-                window_loss += loss.detach().float().item()
+                if tokens:
+                    window_loss += loss.detach().float().item()
+                    window_batches += 1
                 window_tokens += int(tokens)
                 if self.engine.global_steps == before:
                     continue
-                step_loss = self._reduce_mean(window_loss / micro_per_step)
-                tokens_all = self._reduce_mean(window_tokens) * self.world
+                loss_sum, batches, tokens_all, skips = self._reduce_sum(
+                    [window_loss, window_batches, window_tokens, sum(self.epoch_skipped.values())])
+                step_loss = loss_sum / batches if batches else float("nan")
+                epoch_skips = int(skips)
+                self._check_skip_rate(epoch, epoch_skips, micro * cfg.micro_batch_size * self.world, False)
                 self.losses.append(step_loss)
                 elapsed = time.perf_counter() - t0
                 if self.is_main and self.engine.global_steps % max(1, cfg.logging_steps) == 0:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                     tok_s=f"{tokens_all / max(elapsed, 1e-9):.0f}", refresh=False)
                 bar.update(1)
-                window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+                window_loss, window_batches, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
                 step = self.engine.global_steps
                 pause = cfg.pause_at_step is not None and step == cfg.pause_at_step and step < self.total_steps
                 if (cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps) or pause:
@@ -432,6 +471,7 @@ class Trainer:
                 if step >= self.total_steps or pause:
                     done = True
                     break
+            self._check_skip_rate(epoch, epoch_skips, micro * cfg.micro_batch_size * self.world, True)
             total_skips = self._gather_skips(self.epoch_skipped)
             if self.is_main:
                 summary = ", ".join(f"{k} {v}" for k, v in sorted(total_skips.items())) or "none"
@@ -441,7 +481,8 @@ class Trainer:
         return TrainResult(self.engine.global_steps, self.losses, self._gather_skips(self.skipped), self.paused)
 
     def close(self) -> None:
-        """Wait for every rank, then leave the process group: no rank tears down connections another still uses."""
+        """Wait for every rank, then leave the process group: no rank tears down connections another still uses,
+        and no gloo group is left for the interpreter's exit to tear down (which aborts the process at random)."""
         dist.barrier()
         dist.destroy_process_group()
 

@@ -98,6 +98,10 @@ def train_deepspeed(stage: int, micro: int, accum: int, optimizer_name: str) -> 
             total += loss.detach() / accum
         dist.all_reduce(total)
         losses.append(total.item() / world)
+    # Leave the process group before the interpreter exits: tearing gloo down during interpreter shutdown, with
+    # its threads still joinable, aborts the process ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
     return losses
 
 

@@ -53,7 +53,9 @@ def test_vicuna_v1_rendering_multi_turn():
     r = render_vicuna_v1(turns)
     assert r.text == (f"{VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT: A cat.</s>"
                       "USER: Colour? ASSISTANT: Black.</s>")
-    assert [r.text[a:b] for a, b in r.supervised] == ["A cat.</s>", "Black.</s>"]
+    # from the space after "ASSISTANT:", which sentencepiece may cut as a token of its own (LLaVA labels it)
+    assert [r.text[a:b] for a, b in r.supervised] == [" A cat.</s>", " Black.</s>"]
+    assert [r.text[a:b] for a, b in r.content] == ["<image>\nWhat is it?", "A cat.", "Colour?", "Black."]
 
 
 def test_plain_template_supervises_the_caption():
@@ -96,10 +98,11 @@ def test_labels_supervise_answers_and_end_tokens_only(parts, llava_assets):
     assert all(lab == IGNORE_INDEX for lab in labels[:first + N_IMAGE])  # BOS, system, question, image
     assert ids[0] == tok.bos_token_id and labels[-1] == tok.eos_token_id
     assert sample["pixel_values"].shape == (3, 48, 48)
-    # the labels are exactly the tokens of the whole string: nothing re-tokenised per round
+    # the ids are LLaVA's: one tokenizer call on each side of the image (nothing re-tokenised per round)
     text = render_vicuna_v1(parse_turns(record["conversations"], True)).text
-    plain = tok(text)["input_ids"]
-    assert ids[:first] + ids[first + N_IMAGE - 1:] == plain
+    before, after = text.split(IMAGE_TOKEN)
+    assert ids[:first] == tok(before)["input_ids"]
+    assert ids[first + N_IMAGE:] == tok(after, add_special_tokens=False)["input_ids"]
 
 
 def test_text_only_sample_has_no_image(parts, llava_assets):
@@ -138,16 +141,32 @@ def test_bad_samples_are_counted_by_reason_and_nothing_else_is_lost(parts, llava
         {"id": "no-conversations", "image": "good.png"},
         {"id": "bad-role", "conversations": [{"from": "alien", "value": "x"}]},
         "not even an object",
+        ["nor", "this"],
+        {"id": "image-not-a-path", "image": 7, "conversations": ask},
+        {"id": "null-value", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": None}]},
     ]
     ds = dataset(parts, records, tmp_path)
+    assert len(ds.modality_lengths) == len(records)  # what the sampler reads at start-up, before any sample
     with caplog.at_level("WARNING"):
         batch = LlavaCollator(parts[0].pad_token_id)([ds[i] for i in range(len(ds))])
     assert batch["ids"] == ["good"] and batch["pixel_values"].shape[0] == 1
-    assert Counter(batch["skipped"]) == {"missing image": 1, "unreadable image": 1, "malformed record": 3}
+    assert Counter(batch["skipped"]) == {"missing image": 1, "unreadable image": 1, "malformed record": 6}
+    assert "'image' is a int, not a path" in caplog.text  # only the first 5 of a reason are logged
+    with pytest.raises(ConversationError, match="'value' is NoneType, not a string"):
+        parse_turns(records[-1]["conversations"], False)
     assert "skipped sample missing (index 1): missing image" in caplog.text
     assert "skipped sample corrupt (index 2)" in caplog.text
     empty = LlavaCollator(0)([ds[1], ds[2]])
     assert empty["empty"] and len(empty["skipped"]) == 2
+
+
+def test_a_missing_image_folder_fails_at_start_up(parts, tmp_path):
+    records = [{"id": 1, "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                             {"from": "gpt", "value": "A"}]}]
+    with pytest.raises(DataFormatError, match=r"image folder '.*nowhere' not found \(1 records"):
+        dataset(parts, records, tmp_path / "nowhere")
+    text_only = [{"id": 2, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}]
+    assert len(dataset(parts, text_only, tmp_path / "nowhere")) == 1  # no image, no folder needed
 
 
 def test_malformed_files_fail_at_load_naming_the_line(tmp_path):

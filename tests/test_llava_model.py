@@ -86,3 +86,20 @@ def test_gradient_checkpointing_recomputes_layers_and_reuses_the_norm(llava_asse
     assert len(calls) == 2  # forward, and its recomputation in backward
     assert layer.norm_computations == 1  # which reused the cached norm
     assert layer.lora_B.grad is not None
+
+
+def test_paper_config_is_the_official_run():
+    """NVlabs/DoRA visual_instruction_tuning/Dora_7b.sh (7e2f10a) and LLaVA's scripts/zero3.json (c121f04)."""
+    from recipes.trainer import TrainConfig, deepspeed_config
+
+    config = load_config("recipes/llava/configs/llava_v1_5_7b_dora.yaml")
+    rule = config["dora"]["rules"][0]
+    assert (rule["rank"], rule["alpha"], rule["dropout"], rule["dropout_mode"]) == (128, 256, 0.05, "exact")
+    train = TrainConfig.from_dict(config["train"])
+    assert (train.lr, train.lr_groups[0]["lr"], train.epochs, train.global_batch_size) == (2e-4, 2e-5, 1, 128)
+    assert (train.weight_decay, train.warmup_ratio, train.scheduler, train.precision) == (0.0, 0.03, "cosine", "bf16")
+    assert train.tf32 and train.group_by_modality_length and config["data"]["model_max_length"] == 2048
+    ds = deepspeed_config(train.deepspeed, micro=4, accumulation=4, world=8, max_grad_norm=train.max_grad_norm,
+                          precision="bf16", hidden_size=4096)
+    assert ds["gradient_clipping"] == 0 and ds["zero_optimization"]["stage"] == 3  # the official run never clipped
+    assert ds["train_batch_size"] == 128 and ds["bf16"]["enabled"]

@@ -146,3 +146,56 @@ def test_gradient_checkpointing_gives_the_same_losses(llava_assets, single, tmp_
     config = write_config(llava_assets, tmp_path / "ckpt", deepspeed="launch/zero2.json")
     result = train(config, 1, "model.gradient_checkpointing=true")
     assert result["summary"]["losses"] == pytest.approx(reference["summary"]["losses"], rel=1e-6)
+
+
+def run_train(config: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "recipes/llava/train.py"), str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def records_config(assets, out: Path, records: list, **train_options) -> Path:
+    data = out.with_name(out.name + "_data.json")
+    data.write_text(json.dumps(records))
+    config = yaml.safe_load(write_config(assets, out, deepspeed="launch/zero2.json").read_text())
+    config["data"]["data_path"] = str(data)
+    config["train"].update(train_options)
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_skipped_micro_batches_do_not_lower_the_reported_loss(llava_assets, tmp_path):
+    # lr 0: every copy of one record has the same loss in every step; empty micro-batches must not count as 0
+    good = json.loads(llava_assets["train"].read_text())[0]
+    copies = [{**good, "id": f"good{i}"} for i in range(8)]
+    bad = [{"id": f"bad{i}", "image": good["image"]} for i in range(4)]  # no conversations: a counted skip
+    reference = train(records_config(llava_assets, tmp_path / "clean", copies, lr=0.0, max_steps=2))
+    losses = reference["summary"]["losses"]
+    assert len(losses) == 2 and losses[0] == losses[1]
+    mixed = train(records_config(llava_assets, tmp_path / "mixed", copies[:4] + bad, lr=0.0, max_steps=2,
+                                 max_skip_rate=1.0))
+    assert mixed["summary"]["skipped"] == {"malformed record": 4}
+    assert mixed["summary"]["losses"] == pytest.approx(losses, rel=1e-6)
+
+
+def test_too_many_skipped_samples_stop_the_run(llava_assets, tmp_path):
+    good = json.loads(llava_assets["train"].read_text())[0]
+    records = [good, good] + [{**good, "id": f"gone{i}", "image": f"missing_{i}.png"} for i in range(6)]
+    proc = run_train(records_config(llava_assets, tmp_path / "bad", records, skip_check_after=4))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "more than train.max_skip_rate 1.0%" in proc.stderr and "missing image" in proc.stderr
+    assert not (tmp_path / "bad" / "adapter").exists()  # no adapter written from a run on broken data
+    folder = records_config(llava_assets, tmp_path / "nofolder", [good], **{})
+    config = yaml.safe_load(folder.read_text())
+    config["data"]["image_folder"] = str(tmp_path / "no_such_folder")
+    folder.write_text(yaml.safe_dump(config))
+    proc = run_train(folder)
+    assert proc.returncode == 2 and "no_such_folder' not found" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_config_error_after_the_process_group_exists_exits_cleanly(llava_assets, tmp_path):
+    # the trainer leaves the process group before the error ends the process: exit code 2, not an abort
+    proc = run_train(records_config(llava_assets, tmp_path / "odd", json.loads(llava_assets["train"].read_text()),
+                                    global_batch_size=3, micro_batch_size=2))
+    assert proc.returncode == 2 and "not a multiple of micro_batch_size 2" in proc.stderr, proc.stderr[-2000:]

@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(ROOT))
 
-from data.llava import LlavaCollator, LlavaDataConfig, LlavaDataset  # noqa: E402
+from data.llava import DataFormatError, LlavaCollator, LlavaDataConfig, LlavaDataset  # noqa: E402
 from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.llava.model import LlavaModelConfig, build_llava  # noqa: E402
-from recipes.trainer import TrainConfig, Trainer  # noqa: E402
+from recipes.trainer import TooManySkipsError, TrainConfig, Trainer  # noqa: E402
 
 
 def llava_loss(engine, batch: dict):
@@ -94,7 +94,11 @@ def main(argv=None) -> int:
               f"accumulation {trainer.accumulation} = global batch {train_cfg.global_batch_size}; "
               f"{trainer.total_steps} optimizer steps; precision {trainer.precision}; ZeRO stage "
               f"{trainer.zero_stage}", flush=True)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except TooManySkipsError:
+        trainer.close()  # every rank raised at the same step: leave the process group together
+        raise
     if result.paused:
         if trainer.is_main:
             print(f"paused at step {result.global_step} (train.pause_at_step); run again to continue", flush=True)
@@ -124,6 +128,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, DataFormatError, TooManySkipsError) as e:
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
