@@ -162,6 +162,3 @@ def render_prompt(question: str, template: str, *, has_image: bool, apply_chat_t
         return Rendered(rendered, (), ((start, start + len(text)),))
     raise ValueError(f"unknown template {template!r}")
 
-
-def prompt_for_generation(question: str, template: str, *, has_image: bool, apply_chat_template=None) -> str:
-    return render_prompt(question, template, has_image=has_image, apply_chat_template=apply_chat_template).text

@@ -1,4 +1,4 @@
-"""Closed-form answers: GQA exact match, NLVR2, POPE, ScienceQA, MMBench, multiple-choice video QA.
+"""Closed-form answers: GQA, NLVR2, POPE, ScienceQA, multiple-choice video QA (MMBench is in mmbench.py).
 
 Each scorer takes predictions and ground truth keyed by the same string ids and returns plain numbers
 (fractions in [0, 1]; the CLI prints them x100). The rules follow the scorers the published numbers came from;
@@ -14,9 +14,51 @@ from typing import Mapping, Optional, Sequence
 
 # ----------------------------------------------------------------------------------------------------- GQA
 def gqa_normalize(text: str) -> str:
-    """LLaVA's convert_gqa_for_eval: strip trailing periods, lowercase. (The official eval.py compares the
-    prediction string as given; the ground-truth answers are lowercase without periods.)"""
+    """LLaVA's scripts/convert_gqa_for_eval.py (haotian-liu/LLaVA c121f04): strip trailing periods, lowercase.
+    GQA's eval.py then compares this string with the answer exactly."""
     return text.rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class GQAQuestion:
+    answer: str
+    balanced: bool = True  # eval.py scores only questions with isBalanced
+    structural: Optional[str] = None  # types.structural: verify, query, choose, logical, compare
+    semantic: Optional[str] = None  # types.semantic: attr, cat, global, obj, rel
+
+
+def _mean(values: Sequence[bool]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _per_group(correct: Mapping[str, bool], group_of: Mapping[str, Optional[str]]) -> dict[str, float]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for k, ok in correct.items():
+        if group_of.get(k) is not None:
+            groups[group_of[k]].append(ok)
+    return {g: _mean(v) for g, v in sorted(groups.items())}
+
+
+def gqa_scores(predictions: Mapping[str, str], questions: Mapping[str, GQAQuestion], normalize=gqa_normalize) -> dict:
+    """GQA's eval.py accuracy numbers: over the balanced questions only, exact match of the (LLaVA-normalised)
+    prediction with the answer; also binary (structural type other than 'query') and open ('query') accuracy
+    and accuracy per structural and semantic type. Unbalanced questions are ignored."""
+    scored = [k for k, q in questions.items() if q.balanced]
+    correct = {k: normalize(predictions[k]) == questions[k].answer for k in scored}
+    open_ = [ok for k, ok in correct.items() if questions[k].structural == "query"]
+    binary = [ok for k, ok in correct.items() if questions[k].structural not in (None, "query")]
+    out = {"accuracy": _mean(list(correct.values())), "count": len(scored)}
+    if any(questions[k].structural is not None for k in scored):
+        out.update(binary=_mean(binary), open=_mean(open_),
+                   per_structural_type=_per_group(correct, {k: questions[k].structural for k in scored}),
+                   per_semantic_type=_per_group(correct, {k: questions[k].semantic for k in scored}))
+    return out
+
+
+def vlt5_label_accuracy(predictions: Mapping[str, str], labels: Mapping[str, Mapping[str, float]]) -> float:
+    """VL-T5's GQAEvaluator (NVlabs/DoRA 7e2f10a, VL-T5/src/gqa_data.py): the prediction's score in the
+    question's label dict ({answer: score}), 0 when absent (an empty dict scores 0), averaged."""
+    return sum(labels[k].get(predictions[k], 0.0) for k in labels) / len(labels)
 
 
 def exact_match_accuracy(predictions: Mapping[str, str], answers: Mapping[str, str], normalize=gqa_normalize) -> float:
@@ -24,9 +66,16 @@ def exact_match_accuracy(predictions: Mapping[str, str], answers: Mapping[str, s
 
 
 # ----------------------------------------------------------------------------------------------------- NLVR2
-def parse_true_false(text: str) -> Optional[bool]:
-    word = text.strip().rstrip(".").lower()
-    return {"true": True, "false": False, "yes": True, "no": False}.get(word)
+_LENIENT_TRUE_FALSE = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
+def nlvr2_answer(text: str, lenient: bool = False) -> Optional[bool]:
+    """The official rule (lil-lab/nlvr 1892484, nlvr2/eval/metrics.py) is `prediction.lower() == label.lower()`
+    with labels "True"/"False": only "true"/"false" in any case count. `lenient` also accepts surrounding
+    spaces, a final period, yes/no and 1/0 (an opt-in deviation)."""
+    if lenient:
+        return _LENIENT_TRUE_FALSE.get(text.strip().rstrip(".").strip().lower())
+    return {"true": True, "false": False}.get(text.lower())
 
 
 def nlvr2_group(identifier: str) -> str:
@@ -39,19 +88,25 @@ def nlvr2_group(identifier: str) -> str:
     return "-".join(parts)
 
 
-def nlvr2_scores(predictions: Mapping[str, str], labels: Mapping[str, bool]) -> dict:
-    """Accuracy, and consistency: the share of groups whose statements are all answered right."""
-    correct = {k: parse_true_false(predictions[k]) == labels[k] for k in labels}
+def nlvr2_scores(predictions: Mapping[str, str], labels: Mapping[str, bool], lenient: bool = False) -> dict:
+    """Accuracy, and consistency (the share of groups whose statements are all answered right). Also counts
+    the answers that are not "true"/"false" (which the official rule scores wrong), and among them "1"/"0"."""
+    correct = {k: nlvr2_answer(predictions[k], lenient) == labels[k] for k in labels}
     groups: dict[str, list[bool]] = defaultdict(list)
     for k, ok in correct.items():
         groups[nlvr2_group(k)].append(ok)
-    return {"accuracy": sum(correct.values()) / len(correct),
-            "consistency": sum(all(g) for g in groups.values()) / len(groups)}
+    non_canonical = [k for k in labels if nlvr2_answer(predictions[k]) is None]
+    return {"accuracy": _mean(list(correct.values())),
+            "consistency": sum(all(g) for g in groups.values()) / len(groups),
+            "non_canonical_answers": len(non_canonical),
+            "numeric_answers": sum(predictions[k].strip() in ("0", "1") for k in non_canonical),
+            "answer_parsing": "lenient" if lenient else "official"}
 
 
 # ----------------------------------------------------------------------------------------------------- POPE
 def pope_answer(text: str) -> str:
-    """LLaVA's rule: keep the first sentence, drop commas; 'no' if a word is 'No', 'not' or 'no', else 'yes'."""
+    """LLaVA's rule (haotian-liu/LLaVA c121f04, llava/eval/eval_pope.py): keep the text before the first '.',
+    drop commas, split on spaces; 'no' if a word is 'No', 'not' or 'no', else 'yes'."""
     if "." in text:
         text = text.split(".")[0]
     words = text.replace(",", "").split(" ")
@@ -59,6 +114,7 @@ def pope_answer(text: str) -> str:
 
 
 def binary_metrics(predicted_yes: Sequence[bool], label_yes: Sequence[bool]) -> dict:
+    # LLaVA divides by zero when a category has no predicted (or no true) "yes"; such a ratio is 0 here.
     tp = sum(p and l for p, l in zip(predicted_yes, label_yes))
     fp = sum(p and not l for p, l in zip(predicted_yes, label_yes))
     tn = sum(not p and not l for p, l in zip(predicted_yes, label_yes))
@@ -77,12 +133,13 @@ def pope_scores(predictions: Mapping[str, str], labels: Mapping[str, str], categ
     for k in labels:
         by_category[categories[k]].append(k)
     out = {}
-    for category in sorted(by_category):
+    categories_sorted = sorted(by_category)
+    for category in categories_sorted:
         ids = by_category[category]
         out[category] = binary_metrics([pope_answer(predictions[k]) == "yes" for k in ids],
                                        [labels[k] == "yes" for k in ids])
-    out["mean_f1"] = sum(v["f1"] for v in out.values()) / len(by_category)
-    out["mean_accuracy"] = sum(out[c]["accuracy"] for c in by_category) / len(by_category)
+    out["mean_f1"] = sum(out[c]["f1"] for c in categories_sorted) / len(by_category)
+    out["mean_accuracy"] = sum(out[c]["accuracy"] for c in categories_sorted) / len(by_category)
     return out
 
 
@@ -117,80 +174,30 @@ def scienceqa_scores(predictions: Mapping[str, str], problems: Mapping[str, dict
             "count": len(problems), "img_count": n_img}
 
 
-# ----------------------------------------------------------------------------------------------------- MMBench
-MMBENCH_OFFSET = 1_000_000
-_MC_STRIP = re.compile(r"[.()\[\],:;!*#{}]")
-
-
-def choice_letter(text: str, choices: Mapping[str, str]) -> Optional[str]:
-    """A choice letter from a free-form answer, by rule (no LLM judge), as VLMEvalKit's matching does:
-    1. punctuation to spaces; if exactly one choice letter appears as a word, among the last four words, it is
-       the answer; 2. otherwise, if exactly one option's text is a substring of the (lowercased) answer and the
-    answer is not more than twice as long as all options together, that option."""
-    words = _MC_STRIP.sub(" ", text).split()
-    letters = {w for w in words if w in choices}
-    if len(letters) == 1:
-        (letter,) = letters
-        if words.index(letter) > len(words) - 5:
-            return letter
-    lowered = text.lower()
-    if len(lowered) > 2 * sum(len(str(v)) for v in choices.values()):
-        return None
-    hits = [k for k, v in choices.items() if str(v).lower() in lowered]
-    return hits[0] if len(hits) == 1 else None
-
-
-@dataclass
-class MMBenchQuestion:
-    index: int
-    answer: str  # the correct letter for this (possibly rotated) copy
-    choices: dict[str, str]  # letter -> option text
-    category: str = ""
-
-
-def mmbench_scores(predictions: Mapping[str, str], questions: Mapping[str, MMBenchQuestion]) -> dict:
-    """Single-pass accuracy over the main questions (index < 1e6), and circular accuracy: a group (index % 1e6)
-    counts only if every rotated copy present is answered right. Per-category circular accuracy too."""
-    groups: dict[int, list[bool]] = defaultdict(list)
-    single, categories = [], {}
-    for qid, q in questions.items():
-        ok = choice_letter(predictions[qid], q.choices) == q.answer
-        groups[q.index % MMBENCH_OFFSET].append(ok)
-        if q.index < MMBENCH_OFFSET:
-            single.append(ok)
-            categories[q.index] = q.category
-    circular = {g: all(v) for g, v in groups.items()}
-    per_category: dict[str, list[bool]] = defaultdict(list)
-    for g, ok in circular.items():
-        per_category[categories.get(g, "")].append(ok)
-    rotations = max(len(v) for v in groups.values())
-    return {"accuracy": sum(single) / len(single) if single else 0.0,
-            "circular_accuracy": sum(circular.values()) / len(circular),
-            "rotations_per_question": rotations,
-            "per_category": {c: sum(v) / len(v) for c, v in sorted(per_category.items())}}
-
-
 # ----------------------------------------------------------------------------------------------------- video QA
-_CHOICE = re.compile(r"^\s*a?(\d+)\s*\.?\s*$", re.IGNORECASE)
+_LENIENT_CHOICE = re.compile(r"^\s*a?(\d+)\s*\.?\s*$", re.IGNORECASE)
 
 
-def parse_choice_index(text: str, n_choices: int) -> Optional[int]:
-    """VL-BART answers 'a{k}'; a bare 'k' is accepted too. Anything else (or k out of range) is no answer."""
-    m = _CHOICE.match(text)
-    if not m:
-        return None
-    k = int(m.group(1))
+def choice_index(text: str, n_choices: int, lenient: bool = False) -> Optional[int]:
+    """VL-BART answers "a{k}". The official rules (VALUE-Leaderboard/EvaluationTools 10fc2d4 compares the
+    index; NVlabs/DoRA 7e2f10a, VL-T5/src/video/tvqa_data.py, compares the text with f"a{answer_idx}") count
+    exactly "a0" .. "a{n-1}". `lenient` also accepts "A3", "3", "a3.", "a03" and spaces (opt-in)."""
+    if lenient:
+        m = _LENIENT_CHOICE.match(text)
+        k = int(m.group(1)) if m else -1
+    else:
+        k = next((i for i in range(n_choices) if text == f"a{i}"), -1)
     return k if 0 <= k < n_choices else None
 
 
-def multiple_choice_accuracy(predictions: Mapping[str, str], answers: Mapping[str, int], n_choices: int,
-                             groups: Optional[Mapping[str, str]] = None) -> dict:
-    """Accuracy of the predicted choice index (TVQA: 5 choices, How2QA: 4), optionally per group (show)."""
-    correct = {k: parse_choice_index(predictions[k], n_choices) == answers[k] for k in answers}
-    out = {"accuracy": sum(correct.values()) / len(correct)}
+def multiple_choice_scores(predictions: Mapping[str, str], answers: Mapping[str, int], n_choices: int,
+                           groups: Optional[Mapping[str, str]] = None, lenient: bool = False) -> dict:
+    """Accuracy of the predicted choice index (TVQA: 5 choices, How2QA: 4), per group (TVQA: show) when given,
+    and the number of answers that are not exactly "a{k}" (scored wrong by the official rule)."""
+    correct = {k: choice_index(predictions[k], n_choices, lenient) == answers[k] for k in answers}
+    out = {"accuracy": _mean(list(correct.values())),
+           "non_canonical_answers": sum(choice_index(predictions[k], n_choices) is None for k in answers),
+           "answer_parsing": "lenient" if lenient else "official"}
     if groups:
-        per: dict[str, list[bool]] = defaultdict(list)
-        for k, ok in correct.items():
-            per[groups[k]].append(ok)
-        out["per_group"] = {g: sum(v) / len(v) for g, v in sorted(per.items())}
+        out["per_group"] = _per_group(correct, groups)
     return out

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from .captions import METRICS as CAPTION_METRICS
-from .predictions import InputError
+from .files import InputError, check_writable, write_text
 from .submission import SUBMISSIONS
-from .tasks import TASKS, TaskOptions, score
+from .tasks import TASKS, TVC_PROTOCOLS, TaskOptions, score
 
 
 def _flatten(value: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -29,6 +29,8 @@ def _print_scores(result: dict) -> None:
     print(f"  coverage: {cov['predicted']}/{cov['expected']} questions"
           + (f", {cov['missing']} MISSING: partial score" if cov["missing"] else "")
           + (f", {cov['empty_answers']} empty answers" if cov["empty_answers"] else ""))
+    for note in result.get("notes", []):
+        print(f"  note: {note}")
     for key, value in _flatten(result["scores"]):
         if isinstance(value, float):
             # fractions are printed x100; caption metrics are already x100
@@ -39,9 +41,9 @@ def _print_scores(result: dict) -> None:
 
 
 def _tasks_table() -> str:
-    lines = [f"{'task':<13} {'split':<28} {'metric':<52} scored by"]
+    lines = [f"{'task':<13} {'split':<28} {'metric':<58} scored by"]
     for t in TASKS.values():
-        lines.append(f"{t.name:<13} {t.split:<28} {t.metric:<52} {t.where}")
+        lines.append(f"{t.name:<13} {t.split:<28} {t.metric:<58} {t.where}")
     return "\n".join(lines)
 
 
@@ -57,13 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="write the scores here as JSON")
     s.add_argument("--allow-partial", action="store_true",
                    help="score only the predicted questions when some are missing (coverage is reported)")
-    s.add_argument("--prediction-processing", choices=["evalai", "none"], default="evalai",
+    s.add_argument("--prediction-processing", choices=["evalai", "none"], default=TaskOptions.prediction_processing,
                    help="vqav2/vizwiz: pass predictions through the EvalAI answer processor first, as LLaVA and "
                         "lmms-eval do before submitting (default), or score the raw text (official scorer only)")
     s.add_argument("--split", default="test", help="scienceqa: pid_splits split; coco_caption: Karpathy split")
     s.add_argument("--splits", help="scienceqa: pid_splits.json when it is not next to problems.json")
     s.add_argument("--circular", action="store_true",
-                   help="mmbench: expect predictions for every rotation (ids index + k*1000000)")
+                   help="mmbench: for a TSV without rotated copies, add them (prediction ids index + k*1000000); "
+                        "the official dev TSV holds them already and is always scored circularly")
+    s.add_argument("--lenient-answers", action="store_true",
+                   help="nlvr2/tvqa/how2qa: also accept 'True.', 'yes', '1' / 'A3', '3', 'a3.' (not the official "
+                        "rule, which counts only 'true'/'false' and 'a{k}'); non-canonical answers are counted either way")
+    s.add_argument("--tvc-protocol", choices=TVC_PROTOCOLS, default=TaskOptions.tvc_protocol,
+                   help="tvc/yc2c: 'value' (default: the VALUE scorer, which scored the paper's test numbers on its "
+                        "server: one item per clip, all its descriptions as references, non-ASCII characters as "
+                        "spaces) or 'per-description' (NVlabs/DoRA's VL-BART validation during training: every "
+                        "description an item with itself as the reference)")
     s.add_argument("--no-meteor", action="store_true", help="captions: skip METEOR (its java process)")
     s.add_argument("--questions", help="pope: LLaVA's llava_pope_test.jsonl, which says each prediction id's "
                                        "category and question (the official label files reuse ids across categories)")
@@ -75,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vqav2: v2_OpenEnded_mscoco_test2015_questions.json (or LLaVA's jsonl); vizwiz: test.json; "
                         "mmbench: the test TSV")
     w.add_argument("--out", required=True, type=Path)
+    w.add_argument("--circular", action="store_true",
+                   help="mmbench: for a TSV without rotated copies, add them (predictions needed for index + k*1000000)")
 
     sub.add_parser("tasks", help="list the tasks, their splits and metrics")
 
@@ -88,21 +101,26 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
+            check_writable(args.out)  # before loading a model
             from .generate import run
             return run(args)
         if args.command == "tasks":
             print(_tasks_table())
         elif args.command == "score":
+            if args.out:
+                check_writable(args.out)  # before the (possibly long) scoring
             options = TaskOptions(allow_partial=args.allow_partial, prediction_processing=args.prediction_processing,
                                   split=args.split, splits=args.splits, circular=args.circular,
-                                  meteor=not args.no_meteor, questions=args.questions)
+                                  meteor=not args.no_meteor, questions=args.questions,
+                                  lenient_answers=args.lenient_answers, tvc_protocol=args.tvc_protocol)
             result = score(args.task, args.pred, args.gt, options)
             _print_scores(result)
             if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(result, indent=2) + "\n")
+                write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         elif args.command == "submit":
-            info = SUBMISSIONS[args.task](args.pred, args.questions, args.out)
+            check_writable(args.out)
+            extra = {"circular": args.circular} if args.task == "mmbench" else {}
+            info = SUBMISSIONS[args.task](args.pred, args.questions, args.out, **extra)
             print(json.dumps(info))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

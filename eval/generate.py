@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.conversation import IMAGE_TOKEN, prompt_for_generation
+from data.conversation import render_prompt
 
-from .predictions import InputError, write_jsonl
-from .readers import iter_jsonl
+from .files import InputError, iter_jsonl, write_jsonl
 
 
 def load_model(model_dir: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
@@ -54,7 +53,7 @@ def generate_answers(model, tokenizer, image_processor, questions: list[dict], i
     import torch
     from tqdm.auto import tqdm
 
-    from data.llava import SampleError, expand_image_tokens, load_image
+    from data.llava import SampleError, encode, expand_image_tokens, load_image
 
     cfg = model.config
     device = next(model.parameters()).device
@@ -65,13 +64,16 @@ def generate_answers(model, tokenizer, image_processor, questions: list[dict], i
     answers = []
     for start in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="generate"):
         batch = questions[start:start + batch_size]
-        prompts, rows, images = [], [], []
+        rows, images = [], []
         for q in batch:
             has_image = bool(q.get("image"))
-            prompt = prompt_for_generation(q["text"], template, has_image=has_image, apply_chat_template=apply)
-            ids = tokenizer(prompt, add_special_tokens=template != "chat")["input_ids"]  # chat templates add BOS
+            prompt = render_prompt(q["text"], template, has_image=has_image, apply_chat_template=apply)
+            # the ids training used (LLaVA's tokenizer_image_token rule); chat templates write their own BOS
+            try:
+                ids = encode(tokenizer, prompt, cfg.image_token_id, add_special_tokens=template != "chat").ids
+            except SampleError as e:
+                raise InputError(f"question {q['question_id']}: {e}") from None
             rows.append(expand_image_tokens(ids, cfg.image_token_id, cfg.image_seq_length))
-            prompts.append(prompt)
             if has_image:
                 try:
                     images.append(load_image(Path(image_folder) / q["image"], image_processor, image_aspect_ratio))
@@ -87,9 +89,10 @@ def generate_answers(model, tokenizer, image_processor, questions: list[dict], i
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        for q, prompt, text in zip(batch, prompts, texts):
-            answers.append({"question_id": q["question_id"], "prompt": prompt.replace(IMAGE_TOKEN, "<image>"),
-                            "text": text.strip(), "model_id": model_id})
+        for q, text in zip(batch, texts):
+            # "prompt" is the question text, as in LLaVA's answer files: TextVQA is matched on it
+            answers.append({"question_id": q["question_id"], "prompt": q["text"], "text": text.strip(),
+                            "model_id": model_id})
     return answers
 
 

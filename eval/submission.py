@@ -11,18 +11,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .predictions import InputError, read_predictions, write_text
-from .readers import iter_jsonl, load_json
+from .files import InputError, iter_jsonl, load_json, write_text
+from .predictions import read_predictions
 from .vqa import evalai_normalize
 
 
 def _question_ids(path: Path, key: str) -> list[str]:
     """Question ids from an official question JSON ({"questions": [...]}, or a list) or a LLaVA question JSONL."""
     if path.suffix == ".jsonl":
-        return [str(r[key]) for _, r in iter_jsonl(path)]
-    data = load_json(path)
-    records = data["questions"] if isinstance(data, dict) and "questions" in data else data
-    return [str(r[key]) for r in records]
+        records = [(f"{path}:{n}", r) for n, r in iter_jsonl(path, "question file")]
+    else:
+        data = load_json(path, "question file")
+        data = data["questions"] if isinstance(data, dict) and "questions" in data else data
+        if not isinstance(data, list):
+            raise InputError(f"{path}: expected a question list or {{'questions': [...]}}")
+        records = [(f"{path}: record {i}", r) for i, r in enumerate(data)]
+    for where, r in records:
+        if not isinstance(r, dict) or key not in r:
+            raise InputError(f"{where}: no {key!r} field")
+    return [str(r[key]) for _, r in records]
 
 
 def vqav2_submission(predictions: Path, questions: Path, out: Path) -> dict:
@@ -54,21 +61,56 @@ def vizwiz_submission(predictions: Path, questions: Path, out: Path) -> dict:
     return {"questions": len(images), "file": str(out)}
 
 
-def mmbench_submission(predictions: Path, questions: Path, out: Path) -> dict:
+def mmbench_submission(predictions: Path, questions: Path, out: Path, circular: bool = False) -> dict:
+    """LLaVA's scripts/convert_mmbench_for_submission.py: the question TSV without hint/category/source/image/
+    comment/l2-category, a "prediction" column inserted at position 6, as .xlsx. With `circular`, a TSV that
+    has no rotated copies gets them (rows index + k*1e6, options shifted as in MMBench's files)."""
     import pandas as pd
+
+    from .mmbench import MMBENCH_OFFSET, build_choices, read_mmbench_table
+
     preds = read_predictions(predictions).text
-    table = pd.read_table(questions)
-    if "index" not in table.columns:
-        raise InputError(f"{questions}: not an MMBench TSV (no 'index' column)")
+    table = read_mmbench_table(questions, need_answers=False)
+    if circular and (table["index"] >= MMBENCH_OFFSET).any():
+        circular = False  # the official TSVs already hold their copies
+    if circular:
+        table = pd.concat([table, *_rotated_copies(table, build_choices)], ignore_index=True)
     missing = [str(i) for i in table["index"] if str(i) not in preds]
     if missing:
         raise InputError(f"{predictions}: {len(missing)} MMBench questions unanswered, e.g. {missing[:5]}")
+    unknown = [q for q in preds if q not in set(map(str, table["index"]))]
+    if unknown:
+        raise InputError(f"{predictions}: {len(unknown)} ids are not in {questions}, e.g. {unknown[:5]}")
     table = table.drop(columns=[c for c in ("hint", "category", "source", "image", "comment", "l2-category")
                                 if c in table.columns])
     table.insert(min(6, len(table.columns)), "prediction", [preds[str(i)] for i in table["index"]])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_excel(out, index=False, engine="openpyxl")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_excel(out, index=False, engine="openpyxl")
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e.strerror or e}") from None
     return {"questions": len(table), "file": str(out)}
+
+
+def _rotated_copies(table, build_choices):
+    """Copy k (k = 1 .. n-1) of every row: options texts[-k:] + texts[:-k], index + k*1e6, answer moved."""
+    from .mmbench import MMBENCH_OFFSET
+    copies = []
+    for k in range(1, 26):
+        rows = []
+        for row in table.to_dict("records"):
+            letters = list(build_choices(row))
+            if k >= len(letters):
+                continue
+            texts = [row[c] for c in letters]
+            rotated = dict(row, index=row["index"] + k * MMBENCH_OFFSET, **dict(zip(letters, texts[-k:] + texts[:-k])))
+            if isinstance(row.get("answer"), str) and row["answer"] in letters:
+                rotated["answer"] = letters[(letters.index(row["answer"]) + k) % len(letters)]
+            rows.append(rotated)
+        if not rows:
+            break
+        copies.append(type(table)(rows, columns=table.columns))
+    return copies
 
 
 SUBMISSIONS = {"vqav2": vqav2_submission, "vizwiz": vizwiz_submission, "mmbench": mmbench_submission}

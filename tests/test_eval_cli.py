@@ -92,11 +92,14 @@ def test_pope_official_files_matched_through_the_question_file(tmp_path, capsys)
     write_jsonl(d / "coco_pope_adversarial.json", [
         {"question_id": 1, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"},
         {"question_id": 2, "image": "b.jpg", "text": "Is there a car in the image?", "label": "yes"}])
+    suffix = "\nAnswer the question using a single word or phrase."  # as in LLaVA's llava_pope_test.jsonl
     questions = write_jsonl(tmp_path / "llava_pope_test.jsonl", [
-        {"question_id": 10, "image": "a.jpg", "text": "Is there a dog in the image?", "category": "random"},
-        {"question_id": 11, "image": "a.jpg", "text": "Is there a cat in the image?", "category": "random"},
-        {"question_id": 12, "image": "a.jpg", "text": "Is there a cat in the image?", "category": "adversarial"},
-        {"question_id": 13, "image": "b.jpg", "text": "Is there a car in the image?", "category": "adversarial"}])
+        {"question_id": 10, "image": "a.jpg", "text": "Is there a dog in the image?" + suffix, "category": "random"},
+        {"question_id": 11, "image": "a.jpg", "text": "Is there a cat in the image?" + suffix, "category": "random"},
+        {"question_id": 12, "image": "a.jpg", "text": "Is there a cat in the image?" + suffix,
+         "category": "adversarial"},
+        {"question_id": 13, "image": "b.jpg", "text": "Is there a car in the image?" + suffix,
+         "category": "adversarial"}])
     # predictions in another order than the questions, and one wrong
     p = preds(tmp_path / "a.jsonl", {13: "No, there is no car.", 12: "No.", 11: "No, there is not.", 10: "Yes."})
     code, out, text = run(capsys, "score", "pope", "--pred", p, "--gt", d, "--questions", questions,
@@ -120,21 +123,33 @@ def test_scienceqa(tmp_path, capsys):
     assert out["scores"]["accuracy"] == pytest.approx(0.5)
 
 
-def test_mmbench_single_and_circular(tmp_path, capsys):
+def test_mmbench_copies_in_the_file_are_grouped_and_generated_only_when_absent(tmp_path, capsys):
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "split"]
+    rows = [[0, "colour?", "nan", "red", "blue", "green", "", "B", "attr", "x", "dev"],
+            [1, "count?", "nan", "one", "two", "", "", "A", "count", "x", "dev"]]
     tsv = tmp_path / "mmbench_dev.tsv"
     with open(tsv, "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "split"])
-        w.writerow([0, "colour?", "nan", "red", "blue", "green", "nan", "B", "attr", "x", "dev"])
-        w.writerow([1, "count?", "nan", "one", "two", "nan", "nan", "A", "count", "x", "dev"])
+        csv.writer(f, delimiter="\t").writerows([header, *rows])
     p = preds(tmp_path / "a.jsonl", {0: "B", 1: "A"})
-    code, out, _ = run(capsys, "score", "mmbench", "--pred", p, "--gt", tsv, "--out", tmp_path / "r.json")
-    assert code == 0 and out["score"] == pytest.approx(100.0)
-    # circular: rotations of 0 are (blue, green, red) -> A and (green, red, blue) -> C; of 1: (two, one) -> B
-    p = preds(tmp_path / "c.jsonl", {0: "B", 1000000: "A", 2000000: "C", 1: "A", 1000001: "A"})
-    code, out, _ = run(capsys, "score", "mmbench", "--pred", p, "--gt", tsv, "--circular", "--out",
-                       tmp_path / "r.json")
-    assert code == 0 and out["score"] == pytest.approx(50.0)
+    code, out, text = run(capsys, "score", "mmbench", "--pred", p, "--gt", tsv, "--out", tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(100.0), text
+    # --circular on a file without copies: copy k shows texts[-k:] + texts[:-k]
+    # question 0: (green, red, blue) -> C, (blue, green, red) -> A; question 1: (two, one) -> B
+    p = preds(tmp_path / "c.jsonl", {0: "B", 1000000: "C", 2000000: "A", 1: "A", 1000001: "A"})
+    code, out, text = run(capsys, "score", "mmbench", "--pred", p, "--gt", tsv, "--circular", "--out",
+                          tmp_path / "r.json")
+    assert code == 0 and out["score"] == pytest.approx(50.0), text
+    # the same copies written into the TSV (as the official dev TSV holds them): no --circular needed
+    with open(tsv, "a", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([
+            [1000000, "colour?", "nan", "green", "red", "blue", "", "C", "attr", "x", "dev"],
+            [2000000, "colour?", "nan", "blue", "green", "red", "", "A", "attr", "x", "dev"],
+            [1000001, "count?", "nan", "two", "one", "", "", "B", "count", "x", "dev"]])
+    code, out2, text = run(capsys, "score", "mmbench", "--pred", p, "--gt", tsv, "--out", tmp_path / "r.json")
+    assert code == 0 and out2["scores"] == out["scores"], text
+    code, _, text = run(capsys, "score", "mmbench", "--pred", preds(tmp_path / "m.jsonl", {0: "B", 1: "A"}),
+                        "--gt", tsv)
+    assert code == 2 and "rotated copies" in text
 
 
 def test_nlvr2_official_jsonl(tmp_path, capsys):
@@ -158,8 +173,8 @@ def test_tvqa_and_how2qa(tmp_path, capsys):
     code, out, _ = run(capsys, "score", "tvqa", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
     assert code == 0 and out["score"] == pytest.approx(50.0)
     assert out["scores"]["per_group"] == {"Friends": 1.0, "House": 0.0}
-    code, out, text = run(capsys, "score", "how2qa", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
-    assert code == 0 and out["score"] == pytest.approx(50.0)  # a4 is out of range for 4 choices: wrong anyway
+    code, out, text = run(capsys, "score", "how2qa", "--pred", p, "--gt", gt)
+    assert code == 2 and "tvqa_val.jsonl: line 1 (qid 5): has a4/show_name: this is a TVQA file" in text
 
 
 CAPTIONS = {
@@ -187,13 +202,14 @@ def test_coco_caption_karpathy_equals_pycocoevalcap(tmp_path, capsys):
     images.append({"cocoid": 999, "filename": "x.jpg", "split": "train", "sentences": [{"raw": "ignored"}]})
     gt = write_json(tmp_path / "dataset_coco.json", {"images": images})
     p = preds(tmp_path / "a.jsonl", PREDICTED)
-    code, out, text = run(capsys, "score", "coco_caption", "--pred", p, "--gt", gt, "--out", tmp_path / "r.json")
+    code, out, text = run(capsys, "score", "coco_caption", "--pred", p, "--gt", gt, "--no-meteor",
+                          "--out", tmp_path / "r.json")  # METEOR: tests/test_eval_official.py
     assert code == 0, text
     bleu4, cider = _direct_pycocoevalcap(CAPTIONS, PREDICTED)
     assert out["scores"]["CIDEr"] == pytest.approx(100 * cider, rel=1e-9)
     assert out["scores"]["Bleu_4"] == pytest.approx(100 * bleu4, rel=1e-9)
     assert out["score"] == pytest.approx(100 * cider, rel=1e-9)
-    assert 0 < out["scores"]["METEOR"] < 100 and 0 < out["scores"]["ROUGE_L"] < 100
+    assert "METEOR" not in out["scores"] and 0 < out["scores"]["ROUGE_L"] < 100
 
 
 def test_tvc_value_release(tmp_path, capsys):
@@ -201,7 +217,8 @@ def test_tvc_value_release(tmp_path, capsys):
         {"vid_name": "v", "clip_id": int(k), "ts": [0, 1], "duration": 5,
          "descs": [{"desc": c, "desc_id": i, "type": "v"} for i, c in enumerate(v)]} for k, v in CAPTIONS.items()])
     p = preds(tmp_path / "a.jsonl", PREDICTED)
-    code, out, text = run(capsys, "score", "tvc", "--pred", p, "--gt", gt, "--no-meteor", "--out", tmp_path / "r.json")
+    code, out, text = run(capsys, "score", "tvc", "--pred", p, "--gt", gt, "--no-meteor", "--tvc-protocol", "value",
+                          "--out", tmp_path / "r.json")
     assert code == 0, text
     assert out["scores"]["CIDEr"] == pytest.approx(100 * _direct_pycocoevalcap(CAPTIONS, PREDICTED)[1], rel=1e-9)
     code, out, text = run(capsys, "score", "yc2c", "--pred", p, "--gt", gt, "--no-meteor", "--out", tmp_path / "r.json")
@@ -261,3 +278,20 @@ def test_real_entry_point_lists_tasks():
     for task in ("vqav2", "vizwiz", "textvqa", "gqa", "pope", "scienceqa", "mmbench", "nlvr2", "coco_caption",
                  "tvqa", "how2qa", "tvc", "yc2c"):
         assert task in proc.stdout
+
+
+def test_mmbench_submission_adds_copies_only_to_a_tsv_without_them(tmp_path, capsys):
+    import pandas as pd
+    tsv = tmp_path / "mmbench_test_en.tsv"
+    with open(tsv, "w", newline="") as f:  # the test split has no answer column
+        csv.writer(f, delimiter="\t").writerows([["index", "question", "hint", "A", "B", "C", "category"],
+                                                 [3, "colour?", "nan", "red", "blue", "green", "attr"]])
+    p = preds(tmp_path / "a.jsonl", {3: "A", 1000003: "B", 2000003: "C"})
+    code = main(["submit", "mmbench", "--pred", str(p), "--questions", str(tsv), "--out", str(tmp_path / "s.xlsx"),
+                 "--circular"])
+    assert code == 0, capsys.readouterr()
+    sheet = pd.read_excel(tmp_path / "s.xlsx")
+    assert list(sheet["index"]) == [3, 1000003, 2000003] and list(sheet["prediction"]) == ["A", "B", "C"]
+    assert list(sheet.loc[1, ["A", "B", "C"]]) == ["green", "red", "blue"]  # copy 1: texts[-1:] + texts[:-1]
+    code, _, text = run(capsys, "submit", "mmbench", "--pred", p, "--questions", tsv, "--out", tmp_path / "s.xlsx")
+    assert code == 2 and "2 ids are not in" in text  # without --circular the file has no copies to answer

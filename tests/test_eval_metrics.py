@@ -1,7 +1,7 @@
 """Metric rules checked on hand-computed cases (the official scorers' behaviour, including its odd corners)."""
 import pytest
 
-from eval import choice, vqa
+from eval import choice, mmbench, vqa
 
 
 # ------------------------------------------------------------------------------------------------ VQA
@@ -127,23 +127,66 @@ def test_scienceqa_scores_img_subset():
 ])
 def test_choice_letter_extraction(text, letter):
     choices = {"A": "cat", "B": "dog", "C": "bird"}
-    assert choice.choice_letter(text, choices) == letter
+    assert mmbench.infer_choice(text, choices) == letter
 
 
-def test_mmbench_circular_needs_every_rotation_right():
-    from eval.readers import circular_copies
-    base = {"7": choice.MMBenchQuestion(7, "B", {"A": "cat", "B": "dog", "C": "bird"}, "animals"),
-            "8": choice.MMBenchQuestion(8, "A", {"A": "red", "B": "blue"}, "colours")}
-    questions = circular_copies(base)
+@pytest.mark.parametrize("text,letter", [
+    ("Z", "Z"), ("Cannot determine the answer", "Z"),      # VLMEvalKit's refusals: never right
+    ("the answer is a", "A"),                                # 'answer is X' is case-insensitive
+    ("A B C D E F", None),                                   # several letters, no option text
+    ("C is wrong, it is one of the others for sure", None),  # the one letter is not among the last four words
+])
+def test_vlmevalkit_option_rules(text, letter):
+    assert mmbench.infer_choice(text, {"A": "cat", "B": "dog", "C": "bird"}) == letter
+
+
+def test_option_text_counts_only_in_answers_at_most_twice_as_long_as_all_options():
+    choices = {"A": "cat", "B": "dog"}  # 2 * 6 characters
+    assert mmbench.infer_choice("it is a dog.", choices) == "B"
+    assert mmbench.infer_choice("it is surely a dog", choices) is None  # 18 > 12
+
+
+def test_gqa_scores_only_balanced_questions():
+    questions = {"1": choice.GQAQuestion("yes", True, "verify", "attr"),
+                 "2": choice.GQAQuestion("left", False, "query", "rel"),
+                 "3": choice.GQAQuestion("cup", True, "query", "obj")}
+    s = choice.gqa_scores({"1": "Yes.", "2": "left", "3": "a cup"}, questions)
+    assert (s["accuracy"], s["count"], s["binary"], s["open"]) == (0.5, 2, 1.0, 0.0)
+    assert s["per_structural_type"] == {"query": 0.0, "verify": 1.0}
+    assert choice.vlt5_label_accuracy({"1": "yes", "2": "no"}, {"1": {"yes": 1.0}, "2": {}}) == 0.5  # empty label
+
+
+def test_api_failure_marker_skips_the_letter_rule_only():
+    choices = {"A": "a black and white cat", "B": "a small brown dog", "C": "a bird"}
+    assert mmbench.infer_choice("It is A small brown dog", choices) == "A"  # the letter rule wins
+    assert mmbench.infer_choice("Failed to obtain answer via API. A small brown dog", choices) == "B"
+
+
+def test_mmbench_generated_copies_shift_right_and_every_copy_must_be_right():
+    base = {"7": mmbench.MMBenchQuestion(7, "B", {"A": "cat", "B": "dog", "C": "bird"}, "animals"),
+            "8": mmbench.MMBenchQuestion(8, "A", {"A": "red", "B": "blue"}, "colours")}
+    questions = mmbench.circular_copies(base)
     assert sorted(questions) == ["1000007", "1000008", "2000007", "7", "8"]
-    # rotation 1 of question 7: options (dog, bird, cat) -> the answer moves to A
-    assert questions["1000007"].answer == "A" and questions["2000007"].answer == "C"
-    preds = {"7": "B", "1000007": "A", "2000007": "C", "8": "A", "1000008": "A"}  # 8 fails its rotation
-    s = choice.mmbench_scores(preds, questions)
-    assert s["accuracy"] == 1.0 and s["circular_accuracy"] == 0.5
+    # copy k shows texts[-k:] + texts[:-k]: copy 1 of question 7 is (bird, cat, dog), copy 2 (dog, bird, cat)
+    assert list(questions["1000007"].choices.values()) == ["bird", "cat", "dog"]
+    assert questions["1000007"].answer == "C" and questions["2000007"].answer == "A"
+    preds = {"7": "B", "1000007": "C", "2000007": "A", "8": "A", "1000008": "A"}  # 8 fails its copy
+    s = mmbench.mmbench_scores(preds, questions)
+    assert s["single_pass_accuracy"] == 1.0 and s["circular_accuracy"] == 0.5
     assert s["per_category"] == {"animals": 1.0, "colours": 0.0}
 
 
-@pytest.mark.parametrize("text,index", [("a3", 3), ("A3", 3), ("3", 3), (" a0 ", 0), ("a7", None), ("dog", None)])
-def test_choice_index_parsing(text, index):
-    assert choice.parse_choice_index(text, 5) == index
+@pytest.mark.parametrize("text,official,lenient", [
+    ("a3", 3, 3), ("A3", None, 3), ("3", None, 3), (" a0 ", None, 0), ("a3.", None, 3), ("a03", None, 3),
+    ("a7", None, None), ("dog", None, None), ("", None, None)])
+def test_choice_index_official_and_lenient(text, official, lenient):
+    assert choice.choice_index(text, 5) == official
+    assert choice.choice_index(text, 5, lenient=True) == lenient
+
+
+@pytest.mark.parametrize("text,official,lenient", [
+    ("true", True, True), ("False", False, False), ("TRUE", True, True), ("True.", None, True),
+    (" true", None, True), ("yes", None, True), ("1", None, True), ("0", None, False), ("maybe", None, None)])
+def test_nlvr2_answer_official_and_lenient(text, official, lenient):
+    assert choice.nlvr2_answer(text) is official
+    assert choice.nlvr2_answer(text, lenient=True) is lenient
