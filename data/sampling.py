@@ -1,5 +1,12 @@
-"""Which samples each rank reads, epoch by epoch: shuffled or grouped by modality and length (LLaVA's
-group_by_modality_length), the same order on every rank, every rank's share padded to whole optimizer steps."""
+"""Which samples each rank reads, epoch by epoch, as micro-batches of dataset indices ("batch plans").
+
+Every plan gives every rank the same number of micro-batches per epoch (DeepSpeed's collectives need it), the
+same order on every rank, and is a pure function of (seed, epoch), so a resumed run reads what an uninterrupted
+one would have read.
+- `ShuffledBatches`: one dataset, shuffled or grouped by modality and length (LLaVA's group_by_modality_length),
+  each rank's share padded to whole optimizer steps.
+- `RoundRobinBatches`: several tasks, each with its own batch size, one task per micro-batch, every task's data
+  read once per epoch in a task order shuffled with the epoch (VL-T5's multitask round robin)."""
 from __future__ import annotations
 
 import math
@@ -88,3 +95,81 @@ class RankSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
+
+
+class ShuffledBatches:
+    """One dataset: a rank's RankSampler share cut into micro-batches of `micro_batch_size`."""
+
+    def __init__(self, lengths: Sequence[int], micro_batch_size: int, accumulation: int, rank: int, world_size: int,
+                 seed: int = 0, group_by_modality: bool = False):
+        self.micro_batch_size, self.accumulation = micro_batch_size, accumulation
+        self.sampler = RankSampler(lengths, micro_batch_size * accumulation, rank, world_size, seed=seed,
+                                   group_by_modality=group_by_modality)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.micro_batch_size
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        indices = list(self.sampler)
+        return [indices[i:i + self.micro_batch_size] for i in range(0, len(indices), self.micro_batch_size)]
+
+
+class RoundRobinBatches:
+    """Several tasks in one index space (task k's samples follow task k-1's, in the order of `task_sizes`).
+
+    Per epoch, each task's indices are shuffled with the epoch's seed, padded (by repeating) to a multiple of
+    the world size and dealt to the ranks, as DistributedSampler does, then cut into that task's per-rank batch
+    size (the last batch may be smaller, as with drop_last=False). The task of each micro-batch follows a list
+    holding every task once per batch of it, shuffled with the epoch's seed: every task's data is read once per
+    epoch, in proportion to its number of batches. All ranks run the same task at the same step (ZeRO needs the
+    same modules on every rank)."""
+
+    def __init__(self, task_sizes: dict[str, int], task_batch_sizes: dict[str, int], rank: int, world_size: int,
+                 seed: int = 0, accumulation: int = 1):
+        missing = set(task_sizes) - set(task_batch_sizes)
+        if missing:
+            raise ValueError(f"no batch size for tasks {sorted(missing)}")
+        for task, n in task_sizes.items():
+            if n < world_size:
+                raise ValueError(f"task {task!r}: {n} samples cannot be shared by {world_size} processes")
+        self.task_sizes, self.task_batch_sizes = dict(task_sizes), dict(task_batch_sizes)
+        self.rank, self.world_size, self.seed, self.accumulation = rank, world_size, seed, accumulation
+        self.offsets, start = {}, 0
+        for task, n in self.task_sizes.items():
+            self.offsets[task] = start
+            start += n
+        self.micro_batch_size = max(task_batch_sizes[t] for t in task_sizes)
+
+    def batches_per_epoch(self, task: str) -> int:
+        return math.ceil(math.ceil(self.task_sizes[task] / self.world_size) / self.task_batch_sizes[task])
+
+    def __len__(self) -> int:
+        return sum(self.batches_per_epoch(t) for t in self.task_sizes)
+
+    def task_of(self, index: int) -> str:
+        for task in reversed(list(self.task_sizes)):
+            if index >= self.offsets[task]:
+                return task
+        raise IndexError(index)
+
+    def _task_batches(self, task: str, epoch: int) -> list[list[int]]:
+        n = self.task_sizes[task]
+        order = list(range(n))
+        random.Random(f"{self.seed}-{epoch}-{task}").shuffle(order)
+        per_rank = math.ceil(n / self.world_size)
+        order += order[: per_rank * self.world_size - n]
+        mine = [self.offsets[task] + i for i in order[self.rank::self.world_size]]
+        size = self.task_batch_sizes[task]
+        return [mine[i:i + size] for i in range(0, len(mine), size)]
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        queues = {t: self._task_batches(t, epoch) for t in self.task_sizes}
+        schedule = [t for t in self.task_sizes for _ in range(len(queues[t]))]
+        random.Random(f"{self.seed}-{epoch}").shuffle(schedule)
+        position = dict.fromkeys(queues, 0)
+        out = []
+        for task in schedule:
+            out.append(queues[task][position[task]])
+            position[task] += 1
+        return out

@@ -10,6 +10,7 @@ A recipe gives the model, the dataset, a collate function and a loss function; s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ class TrainConfig:
     lr: float = 2e-4
     lr_groups: list = field(default_factory=list)  # [{match: regex on parameter names, lr: .., weight_decay: ..}]
     weight_decay: float = 0.0
+    no_decay: Optional[list] = None  # regexes (full match) of parameters without weight decay; None: biases and norms
     optimizer: str = "adamw"  # adamw | sgd (plain SGD: what the equivalence tests compare runs with)
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -99,6 +101,23 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def leave_process_group() -> None:
+    """Destroy the process group and unlink this rank's DeepSpeed CPU all-reduce buffer.
+
+    On CPU, DeepSpeed (0.19) puts a 69 MB shared-memory buffer per rank in /dev/shm
+    (deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}) and never unlinks it: every 2-process CPU run would
+    leave 138 MB of RAM behind (19 GB after a day of test runs, measured). Its peers opened it at start-up, so
+    unlinking the name once every rank is done frees it when the processes exit. No such file exists on GPU."""
+    rank = dist.get_rank() if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank is not None and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                f"{os.environ['MASTER_PORT']}_{rank}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(Path("/dev/shm") / name)
 
 
 def resolve_precision(name: str) -> str:
@@ -160,8 +179,12 @@ def _walk(node, prefix=""):
 
 
 # --------------------------------------------------------------------------------------------- optimisation
-def is_no_decay(name: str, param: torch.nn.Parameter, norm_names: set[str]) -> bool:
-    """Biases and normalisation weights get no weight decay (as LLaVA's and VL-T5's trainers do)."""
+def is_no_decay(name: str, norm_names: set[str], patterns: Optional[list] = None) -> bool:
+    """By default biases and normalisation weights get no weight decay (LLaVA's trainer). `patterns` replaces the
+    rule: VL-T5's excludes names containing "bias" or "LayerNorm.weight", and the second never matches BART's
+    norm names, so there LayerNorm weights are decayed."""
+    if patterns is not None:
+        return any(re.fullmatch(p, name) for p in patterns)
     return name.endswith(".bias") or name in norm_names
 
 
@@ -188,7 +211,7 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
                 lr, wd, tag = rule_lr, rule_wd, f"lr_groups[{i}]"
                 matched[i] += 1
                 break
-        no_decay = is_no_decay(name, p, norm_names)
+        no_decay = is_no_decay(name, norm_names, config.no_decay)
         key = (tag, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "lr": lr, "weight_decay": 0.0 if no_decay else wd}
@@ -258,38 +281,48 @@ class TrainResult:
 
 
 class Trainer:
-    """Runs a recipe's training under DeepSpeed. `loss_fn(engine, batch)` returns (loss, tokens in batch)."""
+    """Runs a recipe's training under DeepSpeed. `loss_fn(engine, batch)` returns (loss, tokens in batch).
+
+    What each rank reads is a batch plan (data/sampling.py): by default one dataset shuffled (or grouped by
+    modality) in micro-batches of train.micro_batch_size, accumulated to train.global_batch_size; a recipe may give
+    its own as `batches(rank, world)`, e.g. the multitask round robin with a batch size per task."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, dataset, collate_fn: Callable,
-                 loss_fn: Callable, lengths: Optional[Sequence[int]] = None, hidden_size: int = 1024):
+                 loss_fn: Callable, lengths: Optional[Sequence[int]] = None, hidden_size: int = 1024,
+                 batches: Optional[Callable[[int, int], object]] = None):
         self.config = config
         self.rank, self.world, self.device = init_distributed()
         try:
-            self._setup(model, dataset, collate_fn, loss_fn, lengths, hidden_size)
+            self._setup(model, dataset, collate_fn, loss_fn, lengths, hidden_size, batches)
         except BaseException:
             # leave the process group before the error ends the process: a gloo group torn down at interpreter
             # exit can abort it ("terminate called without an active exception") and hide the error's exit code
-            dist.destroy_process_group()
+            leave_process_group()
             raise
 
-    def _setup(self, model, dataset, collate_fn, loss_fn, lengths, hidden_size) -> None:
-        from data.sampling import RankSampler
+    def _default_batches(self, lengths, dataset):
+        from data.sampling import ShuffledBatches
 
         config = self.config
-        self.precision = resolve_precision(config.precision)
         if config.global_batch_size % (config.micro_batch_size * self.world):
             raise ConfigError(f"train.global_batch_size {config.global_batch_size} is not a multiple of "
                               f"micro_batch_size {config.micro_batch_size} x {self.world} processes")
-        self.accumulation = config.global_batch_size // (config.micro_batch_size * self.world)
+        accumulation = config.global_batch_size // (config.micro_batch_size * self.world)
+        lengths = list(lengths) if lengths is not None else [1] * len(dataset)
+        return ShuffledBatches(lengths, config.micro_batch_size, accumulation, self.rank, self.world,
+                               seed=config.seed, group_by_modality=config.group_by_modality_length)
+
+    def _setup(self, model, dataset, collate_fn, loss_fn, lengths, hidden_size, batches) -> None:
+        config = self.config
+        self.precision = resolve_precision(config.precision)
+        self.batches = self._default_batches(lengths, dataset) if batches is None else batches(self.rank, self.world)
+        self.accumulation = self.batches.accumulation
         self.output_dir = Path(config.output_dir)
         self.dataset, self.collate_fn, self.loss_fn = dataset, collate_fn, loss_fn
-        lengths = list(lengths) if lengths is not None else [1] * len(dataset)
-        self.sampler = RankSampler(lengths, config.micro_batch_size * self.accumulation, self.rank, self.world,
-                                   seed=config.seed, group_by_modality=config.group_by_modality_length)
-        self.steps_per_epoch = len(self.sampler) // (config.micro_batch_size * self.accumulation)
+        self.steps_per_epoch = len(self.batches) // self.accumulation
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(dataset)} samples make no optimizer step of global batch "
-                              f"{config.global_batch_size}")
+            raise ConfigError(f"{len(dataset)} samples make no optimizer step ({len(self.batches)} micro-batches per "
+                              f"process, accumulation {self.accumulation})")
         self.total_steps = math.ceil(config.epochs * self.steps_per_epoch)
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
@@ -301,7 +334,7 @@ class Trainer:
         random.seed(config.seed)
         groups = parameter_groups(model, config)
         self.group_names = [g.pop("names") for g in groups]
-        ds_config = deepspeed_config(config.deepspeed, micro=config.micro_batch_size, accumulation=self.accumulation,
+        ds_config = deepspeed_config(config.deepspeed, micro=self.batches.micro_batch_size, accumulation=self.accumulation,
                                      world=self.world, max_grad_norm=config.max_grad_norm,
                                      precision=self.precision, hidden_size=hidden_size)
         zero = ds_config.get("zero_optimization", {})
@@ -420,15 +453,17 @@ class Trainer:
         epoch = self.start_epoch
         done = self.engine.global_steps >= self.total_steps
         while not done:
-            self.sampler.set_epoch(epoch)
             skip = self.start_micro if epoch == self.start_epoch else 0
-            indices = list(self.sampler)[skip * cfg.micro_batch_size:]
-            usable = (self.steps_per_epoch * micro_per_step - skip) * cfg.micro_batch_size
+            micro_batches = self.batches.micro_batches(epoch)[: self.steps_per_epoch * micro_per_step]
+            read = [0]  # samples this rank has read after each micro-batch of the epoch
+            for b in micro_batches:
+                read.append(read[-1] + len(b))
+            if hasattr(self.dataset, "set_epoch"):  # datasets that draw per epoch (VQA's sampled answer)
+                self.dataset.set_epoch(epoch)
             # the loader gets its own generator: creating one draws a seed from the global RNG, which would shift
             # every later dropout mask of a resumed run against an uninterrupted one
-            loader = DataLoader(self.dataset, batch_size=cfg.micro_batch_size, sampler=indices[:usable],
-                                collate_fn=self.collate_fn, num_workers=cfg.num_workers,
-                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            loader = DataLoader(self.dataset, batch_sampler=micro_batches[skip:], collate_fn=self.collate_fn,
+                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch))
             if epoch != self.start_epoch or not skip:
                 self.epoch_skipped = Counter()
             # loss summed over the micro-batches that had tokens (an all-skipped one is not a loss of 0), their count
@@ -454,7 +489,7 @@ class Trainer:
                     [window_loss, window_batches, window_tokens, sum(self.epoch_skipped.values())])
                 step_loss = loss_sum / batches if batches else float("nan")
                 epoch_skips = int(skips)
-                self._check_skip_rate(epoch, epoch_skips, micro * cfg.micro_batch_size * self.world, False)
+                self._check_skip_rate(epoch, epoch_skips, read[micro] * self.world, False)
                 self.losses.append(step_loss)
                 elapsed = time.perf_counter() - t0
                 if self.is_main and self.engine.global_steps % max(1, cfg.logging_steps) == 0:
@@ -471,7 +506,7 @@ class Trainer:
                 if step >= self.total_steps or pause:
                     done = True
                     break
-            self._check_skip_rate(epoch, epoch_skips, micro * cfg.micro_batch_size * self.world, True)
+            self._check_skip_rate(epoch, epoch_skips, read[micro] * self.world, True)
             total_skips = self._gather_skips(self.epoch_skipped)
             if self.is_main:
                 summary = ", ".join(f"{k} {v}" for k, v in sorted(total_skips.items())) or "none"
@@ -484,7 +519,7 @@ class Trainer:
         """Wait for every rank, then leave the process group: no rank tears down connections another still uses,
         and no gloo group is left for the interpreter's exit to tear down (which aborts the process at random)."""
         dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
 
     # ------------------------------------------------------------------------------------------- saving
     def full_fp32_state(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dora import apply_dora  # noqa: E402
 from dora_helpers import TinyNet  # noqa: E402
+from recipes.trainer import leave_process_group  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 6
@@ -101,7 +102,7 @@ def train_deepspeed(stage: int, micro: int, accum: int, optimizer_name: str) -> 
     # Leave the process group before the interpreter exits: tearing gloo down during interpreter shutdown, with
     # its threads still joinable, aborts the process ("terminate called without an active exception").
     dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
     return losses
 
 
