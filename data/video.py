@@ -1,0 +1,1082 @@
+"""Video decoding (decord), frame sampling, per-frame CLIP features into a FeatureStore, VALUE feature import, and
+the reference's resize of a video's features to 64 time steps.
+
+How VALUE's released `clip-vit` features were made (HERO_Video_Feature_Extractor, facts 5.4): one frame every
+1.5 s (ffmpeg's fps filter at 2/3 fps), the shorter side scaled to 224 keeping the aspect, a 224 centre crop, /255
+and CLIP's mean/std, OpenAI CLIP ViT-B/32 `encode_image` (512-d, NOT L2-normalised), stored float16 as
+`{vid_name}.npz` with the array "features" of shape (frames, 512). `extract_video_features` does the same with
+decord + open_clip (defaults: ViT-B-32, 2/3 fps, crop, float16); `import_value_features` reads the release files
+instead. Both write one (T, D) entry per video id to a FeatureStore (data/features.py).
+
+    python -m data.video features --videos-dir videos/tv --out features/tv_vit --model ViT-B-32 --pretrained openai
+    python -m data.video import-value --features-dir vis_features/tv/clip-vit --out features/tv_value
+    store = FeatureStore("features/tv_vit"); resize_frames(store.get("s03e02_seg02_clip_10").float(), 64)
+
+Frame sampling (`sample_frame_indices`), in frame-index space with frame i shown from i / fps (constant frame rate
+assumed, first frame at 0 s):
+- n frames: the window's frames are cut into n equal segments and the middle frame of each is taken. A window
+  holding n frames or fewer gives each of its frames once (fewer than n come back; the recipe zero-pads to 64).
+- sample_fps: one frame at the middle of each 1/sample_fps segment of the window, i.e. at start + (k + 0.5) /
+  sample_fps (0.75 s, 2.25 s, ... for VALUE's 2/3 fps), for every segment whose middle lies inside the window
+  (round(duration * sample_fps) frames); at least `min_frames` (then taken as n uniform frames). The frame at or
+  before each time is used, and a rate above the video's own gives each frame once.
+
+Decoding runs in DataLoader worker processes (`VideoLoader`); each worker opens its own decord reader per video
+(nothing of decord is pickled). A missing, empty, corrupt or non-video file is reported by id with its reason
+(logged, counted, recorded in the store's failures file) and skipped, or raises with on_error='raise'. A worker
+that crashes inside the decoder (a segfault) or hangs longer than `decode_timeout` is identified by the video it
+was decoding: that video is reported, and decoding resumes with the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .features import DEFAULT_PREFIX, FeatureWriter, dtype_from_name, dtype_name, parse_shard
+from .image_features import CLIP_MEAN, CLIP_STD, RESIZE_MODES, load_clip_tower, register_model_config
+
+log = logging.getLogger(__name__)
+
+VALUE_SAMPLE_FPS = 2 / 3  # one frame every 1.5 s, as VALUE's features
+VALUE_FRAMES = 64  # the reference resizes every video's features to 64 time steps
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts")
+ON_ERROR = ("skip", "raise")
+
+# A ViT small enough for tests and demos, on the same code path as ViT-B-32 (224 px, 32 px patches, 49 tokens + CLS)
+TINY_VIT_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+
+PathLike = Union[str, os.PathLike]
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that could not be decoded (message names the id, the file and the reason)."""
+
+    def __init__(self, message: str, video_id: Optional[str] = None, reason: Optional[str] = None):
+        # one positional message: DataLoader re-raises a worker's exception as type(e)(message)
+        super().__init__(message)
+        self.video_id, self.reason = video_id, reason
+
+
+class ValueFeatureError(ValueError):
+    """A VALUE feature file that cannot be used (message names the file)."""
+
+
+# ---------------------------------------------------------------------------------------------------------- sampling
+
+def sample_frame_indices(n_video_frames: int, video_fps: float, *, n: Optional[int] = None,
+                         start: Optional[float] = None, end: Optional[float] = None,
+                         sample_fps: Optional[float] = None, min_frames: int = 1) -> list[int]:
+    """Sorted, distinct frame indices of a video of `n_video_frames` frames at `video_fps`: `n` frames uniformly
+    over the clip or over the window [start, end] (seconds), or one frame per 1/sample_fps seconds. Exactly one
+    of n / sample_fps. See the module docstring for where the frames fall."""
+    if (n is None) == (sample_fps is None):
+        raise ValueError("give exactly one of n (frames over the clip) and sample_fps (frames per second)")
+    if n_video_frames < 1:
+        raise ValueError(f"the video has {n_video_frames} frames")
+    if not (video_fps > 0 and math.isfinite(video_fps)):
+        raise ValueError(f"the video's frame rate is {video_fps!r}")
+    duration = n_video_frames / video_fps
+    s = 0.0 if start is None else float(start)
+    e = duration if end is None else float(end)
+    if e < s:
+        raise ValueError(f"window end {e:g} s is before its start {s:g} s")
+    if s >= duration:
+        raise ValueError(f"window starts at {s:g} s, at or after the end of the video ({duration:.3f} s)")
+    s, e = max(s, 0.0), min(e, duration)
+    first = min(int(math.floor(s * video_fps + 1e-6)), n_video_frames - 1)
+    last = max(first, min(int(math.ceil(e * video_fps - 1e-6)) - 1, n_video_frames - 1))  # frames starting before e
+    count = last - first + 1
+    if sample_fps is not None:
+        if not (sample_fps > 0 and math.isfinite(sample_fps)):
+            raise ValueError(f"sample_fps must be positive, got {sample_fps!r}")
+        m = int(math.floor((e - s) * sample_fps + 0.5))  # segments whose middle lies inside the window
+        if m >= max(min_frames, 1):
+            times = [s + (k + 0.5) / sample_fps for k in range(m)]
+            picked = (min(last, max(first, int(math.floor(t * video_fps + 1e-6)))) for t in times)
+            return sorted(set(picked))  # a rate above the video's own: each frame once
+        n = max(min_frames, 1)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if count <= n:
+        return list(range(first, last + 1))
+    return [first + ((2 * k + 1) * count) // (2 * n) for k in range(n)]  # middle of segment k, exact integers
+
+
+# ---------------------------------------------------------------------------------------------------------- decoding
+
+def _as_uint8_tensor(batch) -> torch.Tensor:
+    # decord returns its NDArray, or a torch / other tensor when a bridge was set globally by someone else
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if hasattr(batch, "asnumpy"):
+        return torch.from_numpy(batch.asnumpy())
+    return torch.from_numpy(np.asarray(batch))
+
+
+def open_video(path: PathLike, num_threads: int = 0, fault_tol: float = -1):
+    """A decord VideoReader, after the checks that give a clear reason (missing, empty file)."""
+    import decord
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError("file not found")
+    if os.path.isdir(path):
+        raise IsADirectoryError("is a directory, not a video file")
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads, fault_tol=fault_tol)
+
+
+def read_frames(path: PathLike, *, indices: Optional[Sequence[int]] = None, n: Optional[int] = None,
+                sample_fps: Optional[float] = None, start: Optional[float] = None, end: Optional[float] = None,
+                min_frames: int = 1, num_threads: int = 0, fault_tol: float = -1
+                ) -> tuple[torch.Tensor, list[int], float, int]:
+    """(frames (T, H, W, 3) uint8 RGB, frame indices, video fps, video frame count), with one batched
+    `get_batch` read. `indices` directly, or sampled by `sample_frame_indices` (n / sample_fps / window);
+    neither: every frame."""
+    vr = open_video(path, num_threads, fault_tol)
+    try:
+        total, fps = len(vr), float(vr.get_avg_fps())
+        if indices is None:
+            if n is None and sample_fps is None and start is None and end is None:
+                indices = list(range(total))
+            else:
+                indices = sample_frame_indices(total, fps, n=n, sample_fps=sample_fps, start=start, end=end,
+                                               min_frames=min_frames)
+        indices = [int(i) for i in indices]
+        frames = _as_uint8_tensor(vr.get_batch(indices))
+    finally:
+        del vr  # frees the decoder now, not at the next garbage collection
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[0] != len(indices):
+        raise RuntimeError(f"decoder returned {tuple(frames.shape)} {frames.dtype} for {len(indices)} frames")
+    return frames, indices, fps, total
+
+
+def resized_size(height: int, width: int, size: int, resize: str) -> tuple[int, int]:
+    """(h, w) before the centre crop: the shorter side to `size`, the other scaled and truncated (as
+    torchvision's Resize and HERO's extractor); squash: (size, size)."""
+    if resize == "squash":
+        return size, size
+    if height <= width:
+        return size, max(size, int(width * size / height))
+    return max(size, int(height * size / width)), size
+
+
+def preprocess_frames(frames: torch.Tensor, size: int = 224, resize: str = "crop") -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, size, size) uint8. crop: shorter side to `size` (aspect kept), bicubic with
+    antialiasing (like ffmpeg's bicubic scaler that made VALUE's features), then the centre `size` crop;
+    squash: bicubic to size x size. Kept uint8 so 4x fewer bytes cross from the workers; normalised by the tower
+    side (`normalise`)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    t, h, w, _ = frames.shape
+    x = frames.permute(0, 3, 1, 2).contiguous()  # uint8 bicubic runs fastest on contiguous NCHW here
+    nh, nw = resized_size(h, w, size, resize)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+    return x[:, :, top:top + size, left:left + size].contiguous()
+
+
+def normalise(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float: /255, then (x - mean) / std per channel."""
+    m = torch.tensor(mean, dtype=dtype, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=dtype, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.to(dtype) / 255.0 - m) / s
+
+
+@dataclass
+class DecodedVideo:
+    id: str
+    path: str
+    frames: torch.Tensor  # (T, H, W, 3) uint8 without resize; (T, 3, S, S) uint8 with resize
+    indices: list[int]  # frame numbers in the video
+    fps: float
+    n_video_frames: int
+
+    @property
+    def times(self) -> list[float]:
+        """Start time (s) of each sampled frame."""
+        return [i / self.fps for i in self.indices]
+
+    def pin_memory(self) -> "DecodedVideo":  # DataLoader(pin_memory=True) calls this on custom types
+        self.frames = self.frames.pin_memory()
+        return self
+
+
+@dataclass
+class VideoFailure:
+    id: str
+    path: Optional[str]
+    reason: str
+
+
+def _diagnose(path: Optional[str]) -> Optional[str]:
+    """FFmpeg's own words (through PyAV) on a file decord could not open: decord's message only says "Error
+    reading"."""
+    try:
+        import av
+        with av.open(path) as container:
+            if not container.streams.video:
+                kinds = sorted({s.type for s in container.streams}) or ["none"]
+                return f"no video stream (streams: {', '.join(kinds)})"
+    except Exception as e:  # av.error.InvalidDataError etc.
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _reason(e: BaseException, path: Optional[str] = None) -> str:
+    text = str(e).strip().splitlines()
+    # decord's errors start with its source location ("[12:00:00] /src/video/video_reader.cc:83: ..."); drop it
+    msg = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", text[0] if text else "")
+    if isinstance(e, (FileNotFoundError, IsADirectoryError)) or msg in ("empty file (0 bytes)",):
+        return msg
+    if msg.startswith("Error reading") or "cannot find video stream" in msg:
+        detail = _diagnose(path) if path else None
+        return f"cannot open as a video: {detail or msg}"[:400]
+    if type(e).__name__.startswith("DECORD"):  # the container opened, the frame data did not decode
+        return f"corrupt or truncated video data ({type(e).__name__}: {msg})"[:400]
+    return f"{type(e).__name__}: {msg}"[:400]
+
+
+class VideoFrames(torch.utils.data.Dataset):
+    """(id, path) pairs -> `DecodedVideo`, or `VideoFailure` (on_error='skip') / `VideoDecodeError`
+    (on_error='raise') for a video that cannot be read. Opens a decord reader per item, in the process that
+    calls it (a DataLoader worker), so the dataset pickles as plain paths.
+
+    Sampling: `n_frames` uniform frames, or `sample_fps` frames per second (one of them; default VALUE's 2/3
+    fps), over the whole video or over `windows[id]` = (start, end) seconds. `resize`: None keeps the decoded
+    frames (T, H, W, 3); 'crop' / 'squash' gives (T, 3, image_size, image_size) (`preprocess_frames`).
+    `decode_threads`: decord threads per reader; None gives 1 in a DataLoader worker (the workers are the
+    parallelism) and decord's automatic count in the main process."""
+
+    def __init__(self, videos: Union[Mapping[str, Optional[PathLike]], Sequence[tuple[str, Optional[PathLike]]]],
+                 *, n_frames: Optional[int] = None, sample_fps: Optional[float] = None,
+                 windows: Optional[Mapping[str, tuple[float, float]]] = None, min_frames: int = 1,
+                 resize: Optional[str] = None, image_size: int = 224, on_error: str = "skip",
+                 decode_threads: Optional[int] = None, fault_tol: float = -1):
+        items = videos.items() if isinstance(videos, Mapping) else videos
+        self.items = [(str(k), None if p is None else os.fspath(p)) for k, p in items]
+        if n_frames is not None and sample_fps is not None:
+            raise ValueError("give n_frames or sample_fps, not both")
+        if n_frames is None and sample_fps is None:
+            sample_fps = VALUE_SAMPLE_FPS
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if resize is not None and resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be None or one of {RESIZE_MODES}, got {resize!r}")
+        self.n_frames, self.sample_fps, self.min_frames = n_frames, sample_fps, min_frames
+        self.windows = dict(windows or {})
+        self.resize, self.image_size, self.on_error = resize, image_size, on_error
+        self.decode_threads, self.fault_tol = decode_threads, fault_tol
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def decode(self, key: str, path: Optional[str]) -> DecodedVideo:
+        """Decode one video; raises on any problem (the caller turns it into a failure)."""
+        if path is None:
+            raise FileNotFoundError("no video file for this id")
+        threads = self.decode_threads
+        if threads is None:
+            threads = 1 if torch.utils.data.get_worker_info() is not None else 0
+        start, end = self.windows.get(key, (None, None))
+        frames, indices, fps, total = read_frames(path, n=self.n_frames, sample_fps=self.sample_fps, start=start,
+                                                  end=end, min_frames=self.min_frames, num_threads=threads,
+                                                  fault_tol=self.fault_tol)
+        if self.resize is not None:
+            frames = preprocess_frames(frames, self.image_size, self.resize)
+        return DecodedVideo(key, path, frames, indices, fps, total)
+
+    def __getitem__(self, i: int) -> Union[DecodedVideo, VideoFailure]:
+        key, path = self.items[i]
+        try:
+            return self.decode(key, path)
+        except Exception as e:  # decord raises RuntimeError / DECORDError / AssertionError; we raise ValueError...
+            reason = _reason(e, path)
+        if self.on_error == "raise":
+            raise VideoDecodeError(f"video {key!r} ({path}): {reason}", key, reason)
+        return VideoFailure(key, path, reason)
+
+
+# ---------------------------------------------------------------------------------------------------------- loader
+
+class _WorkerSlots:
+    """What each DataLoader worker is decoding right now, in shared memory: dataset index (-1: idle), since when,
+    and the worker's pid. The main process reads it to name the video of a worker that died or hangs."""
+
+    def __init__(self, n: int):
+        self.index = torch.full((n,), -1, dtype=torch.int64).share_memory_()
+        self.started = torch.zeros(n, dtype=torch.float64).share_memory_()
+        self.pid = torch.zeros(n, dtype=torch.int64).share_memory_()
+
+    def busy(self) -> list[tuple[int, int, float, int]]:
+        """(worker, dataset index, seconds busy, pid) of every worker inside a decode."""
+        now = time.time()
+        return [(w, int(self.index[w]), now - float(self.started[w]), int(self.pid[w]))
+                for w in range(len(self.index)) if int(self.index[w]) >= 0]
+
+
+class _Tracked(torch.utils.data.Dataset):
+    """`dataset` restricted to `indices`, marking the worker's slot around each item."""
+
+    def __init__(self, dataset, indices: Sequence[int], slots: _WorkerSlots):
+        self.dataset, self.indices, self.slots = dataset, list(indices), slots
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return self.dataset[index]
+        w = info.id
+        self.slots.pid[w] = os.getpid()
+        self.slots.started[w] = time.time()
+        self.slots.index[w] = index  # last: a reader that sees the index also sees its start time
+        try:
+            return self.dataset[index]
+        except VideoDecodeError as e:  # on_error='raise': raised again in the main process, without the
+            key, path = self.dataset.items[index] if hasattr(self.dataset, "items") else (str(index), None)
+            return VideoFailure(e.video_id or key, path, e.reason or str(e))  # worker's traceback
+        finally:
+            self.slots.index[w] = -1
+
+
+def _as_list(batch):
+    return list(batch)
+
+
+class _WorkersDied(Exception):
+    def __init__(self, pids: set[int], message: str, exitcodes: dict[int, Optional[int]]):
+        super().__init__(message)
+        self.pids, self.exitcodes = pids, exitcodes
+
+
+@contextlib.contextmanager
+def _worker_deaths_at_next():
+    """While decoding, a dead worker is reported by the DataLoader's next() (it polls worker liveness) instead of
+    by its SIGCHLD handler, which raises wherever the main thread happens to be (inside the tower forward, or
+    the store writer) and would leave that work half done."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGCHLD"):
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+_SIGNAL_NAMES = {-s.value: s.name for s in signal.Signals}
+
+
+class VideoLoader:
+    """Iterate the decoded videos of a `VideoFrames` dataset, in order, decoded by `num_workers` DataLoader
+    processes (0: in this process). Failed videos are logged, counted in `failures` ({id: reason}), passed to
+    `on_failure(id, reason)`, and skipped; with the dataset's on_error='raise' they raise `VideoDecodeError`.
+
+    A worker that dies inside the decoder (a segfault on a broken file), or that has been decoding one video for
+    more than `decode_timeout` seconds (it is then killed), costs only that video: it is reported like any bad
+    video and the loader restarts its workers for the videos after it (at most `max_restarts` times)."""
+
+    def __init__(self, dataset: VideoFrames, *, num_workers: int = 2, videos_per_batch: int = 1,
+                 prefetch_factor: int = 2, pin_memory: bool = False, decode_timeout: Optional[float] = 600.0,
+                 max_restarts: int = 20, on_failure: Optional[Callable[[str, str], None]] = None,
+                 poll_seconds: float = 0.5):
+        self.dataset, self.num_workers, self.videos_per_batch = dataset, num_workers, videos_per_batch
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.decode_timeout, self.max_restarts, self.poll_seconds = decode_timeout, max_restarts, poll_seconds
+        self.on_failure = on_failure
+        self.failures: dict[str, str] = {}
+        self.decoded = 0
+        self.restarts = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _fail(self, key: str, path: Optional[str], reason: str) -> None:
+        if getattr(self.dataset, "on_error", "skip") == "raise":
+            raise VideoDecodeError(f"video {key!r} ({path}): {reason}", key, reason)
+        log.warning("video %r skipped (%s): %s", key, path, reason)
+        self.failures[key] = reason
+        if self.on_failure is not None:
+            self.on_failure(key, reason)
+
+    def _handle(self, item) -> Optional[DecodedVideo]:
+        if isinstance(item, VideoFailure):
+            self._fail(item.id, item.path, item.reason)
+            return None
+        self.decoded += 1
+        return item
+
+    def __iter__(self) -> Iterator[DecodedVideo]:
+        if self.num_workers == 0:
+            for i in range(len(self.dataset)):
+                item = self._handle(self.dataset[i])
+                if item is not None:
+                    yield item
+            return
+        remaining = list(range(len(self.dataset)))
+        while remaining:
+            slots = _WorkerSlots(self.num_workers)
+            loader = torch.utils.data.DataLoader(
+                _Tracked(self.dataset, remaining, slots), batch_size=self.videos_per_batch, shuffle=False,
+                num_workers=self.num_workers, collate_fn=_as_list, pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor, timeout=self.poll_seconds)
+            consumed, hung = 0, {}
+            it = iter(loader)
+            try:
+                with _worker_deaths_at_next():
+                    while True:
+                        batch = self._next(it, slots, hung)
+                        if batch is None:
+                            remaining = []
+                            break
+                        for item in batch:
+                            consumed += 1
+                            item = self._handle(item)
+                            if item is not None:
+                                yield item
+            except _WorkersDied as died:
+                remaining = self._after_crash(died, slots, hung, remaining, consumed)
+            finally:
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                del it
+
+    def _next(self, it, slots: _WorkerSlots, hung: dict) -> Optional[list]:
+        while True:
+            try:
+                return next(it)
+            except StopIteration:
+                return None
+            except RuntimeError as e:
+                message = str(e)
+                if type(e) is RuntimeError and message.startswith("DataLoader timed out"):
+                    self._stop_hung_workers(it, slots, hung)  # our poll interval: nothing decoded yet
+                    continue
+                m = re.match(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)", message)
+                if type(e) is RuntimeError and m:
+                    exitcodes = {w.pid: w.exitcode for w in getattr(it, "_workers", [])}
+                    raise _WorkersDied({int(p) for p in m.group(1).split(",")}, message, exitcodes) from None
+                raise
+
+    def _stop_hung_workers(self, it, slots: _WorkerSlots, hung: dict) -> None:
+        if self.decode_timeout is None:
+            return
+        ours = {w.pid for w in getattr(it, "_workers", [])}
+        for _, index, busy, pid in slots.busy():
+            if busy > self.decode_timeout and index not in hung and (not ours or pid in ours):
+                key = self.dataset.items[index][0] if hasattr(self.dataset, "items") else str(index)
+                log.warning("video %r: still decoding after %.0f s; stopping its worker (pid %d)", key, busy, pid)
+                hung[index] = busy
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)  # our own DataLoader worker; the next poll reports it dead
+
+    def _after_crash(self, died: _WorkersDied, slots: _WorkerSlots, hung: dict, remaining: list[int],
+                     consumed: int) -> list[int]:
+        suspects = {}
+        for _, index, _, pid in slots.busy():
+            if pid in died.pids or index in hung:
+                if index in hung:
+                    reason = (f"decoding did not finish within {self.decode_timeout:g} s; its worker was stopped")
+                else:
+                    code = died.exitcodes.get(pid)
+                    how = f"killed by {_SIGNAL_NAMES[code]}" if code in _SIGNAL_NAMES else "exited unexpectedly"
+                    reason = f"the decoder crashed (DataLoader worker {how})"
+                suspects[index] = reason
+        self.restarts += 1
+        if not suspects and consumed == 0:
+            raise RuntimeError(f"video decoding workers died before delivering any video ({died}); the videos "
+                               f"being decoded could not be identified") from None
+        if self.restarts > self.max_restarts:
+            raise RuntimeError(f"video decoding workers died {self.restarts} times (limit max_restarts="
+                               f"{self.max_restarts}); last: {died}") from None
+        items = getattr(self.dataset, "items", None)
+        for index, reason in suspects.items():
+            key, path = items[index] if items else (str(index), None)
+            self._fail(key, path, reason)
+        log.warning("restarting video decoding workers (%d of at most %d restarts)", self.restarts,
+                    self.max_restarts)
+        return [i for i in remaining[consumed:] if i not in suspects]
+
+
+# ---------------------------------------------------------------------------------------------------------- towers
+
+def tower_config(model_name: str, model_config: Optional[Mapping] = None) -> dict:
+    """open_clip's config of `model_name` (after registering `model_config` under that name, if given)."""
+    import open_clip
+    if model_config is not None:
+        register_model_config(model_name, model_config)
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"open_clip has no model {model_name!r}; pass model_config (open_clip's layout, e.g. "
+                         f"TINY_VIT_CONFIG), or a name such as ViT-B-32, ViT-B-16, ViT-L-14")
+    return json.loads(json.dumps(cfg))
+
+
+def _image_size(cfg: Mapping, image_size: Optional[int]) -> int:
+    if image_size is not None:
+        return int(image_size)
+    size = cfg.get("vision_cfg", {}).get("image_size", 224)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"tower input {size} is not square; pass image_size")
+        size = size[0]
+    return int(size)
+
+
+def frame_embeddings(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) normalised pixels -> (B, D): the tower's pooled, projected output, i.e. CLIP's
+    `encode_image` without L2 normalisation (what VALUE's features hold)."""
+    out = visual(pixels)
+    if isinstance(out, (tuple, list)):  # towers built with output_tokens=True return (pooled, tokens)
+        out = out[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- extraction
+
+@dataclass
+class VideoExtractionReport:
+    store: str
+    requested: int  # ids given (after --shard selection)
+    extracted: int  # videos written by this run
+    skipped: int  # already in the store
+    failed: dict = field(default_factory=dict)  # id -> reason, this run
+    frames: int = 0  # frames embedded by this run
+    in_store: int = 0
+    seconds: float = 0.0  # decode + forward + write loop, model loading excluded
+    wait_seconds: float = 0.0  # of which: waiting for decoded videos (input-bound time)
+    load_seconds: float = 0.0
+    restarts: int = 0  # decoder worker crashes survived
+    device: str = "cpu"
+    feature_dim: Optional[int] = None
+
+    @property
+    def videos_per_s(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["failed"] = len(self.failed)
+        d["failed_ids"] = sorted(self.failed)[:20]
+        d["videos_per_s"] = round(self.videos_per_s, 3)
+        d["frames_per_s"] = round(self.frames_per_s, 3)
+        for k in ("seconds", "wait_seconds", "load_seconds"):
+            d[k] = round(d[k], 3)
+        return d
+
+
+def video_feature_metadata(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai",
+                           model_config: Optional[Mapping] = None, *, sample_fps: Optional[float] = VALUE_SAMPLE_FPS,
+                           n_frames: Optional[int] = None, min_frames: int = 1, window=None, resize: str = "crop",
+                           image_size: Optional[int] = None, dtype: torch.dtype = torch.float16, seed: int = 0) -> dict:
+    """What a store of per-frame video features records (and what a resumed run must match)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    cfg = tower_config(model_name, model_config)
+    if n_frames is not None:
+        sampling = {"n_frames": int(n_frames)}
+    else:
+        sampling = {"sample_fps": float(sample_fps), "first_frame_s": 0.5 / float(sample_fps)}
+    sampling["min_frames"] = int(min_frames)
+    if window is None:
+        sampling["window"] = "whole video"
+    elif isinstance(window, Mapping):
+        sampling["window"] = "per video"
+    else:
+        sampling["window"] = [float(window[0]), float(window[1])]
+    meta = {
+        "kind": "video_frames",
+        "source": "extracted",
+        "model_name": model_name,
+        "pretrained": pretrained,
+        "model_config": None if model_config is None else cfg,
+        "output": "encode_image (pooled, projected, not L2-normalised)",
+        "decoder": "decord",
+        "sampling": sampling,
+        "image_size": _image_size(cfg, image_size),
+        "resize": resize,
+        "interpolation": "bicubic, antialiased",
+        "feature_dim": int(cfg["embed_dim"]),
+        "dtype": dtype_name(dtype),
+    }
+    if not pretrained:
+        meta["init_seed"] = seed  # random towers differ by seed: a resume must use the same one
+    return meta
+
+
+class _FramePacker:
+    """Packs the frames of consecutive videos into tower batches of `batch_size` frames (short videos share a
+    batch, long ones span several) and reassembles each video's (T, D) features."""
+
+    def __init__(self, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.queue: deque = deque()  # [id, frames, next frame offset]
+        self.queued = 0
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, key: str, frames: torch.Tensor) -> None:
+        self.queue.append([key, frames, 0])
+        self.queued += frames.shape[0]
+        self.parts[key] = []
+
+    def ready(self) -> bool:
+        return self.queued >= self.batch_size
+
+    def take(self) -> tuple[torch.Tensor, list[tuple[str, int, bool]]]:
+        """Up to batch_size frames, and (id, frames from it, is its last part) per video in the batch."""
+        chunks, spans, n = [], [], 0
+        while self.queue and n < self.batch_size:
+            entry = self.queue[0]
+            key, frames, offset = entry
+            k = min(self.batch_size - n, frames.shape[0] - offset)
+            chunks.append(frames[offset:offset + k])
+            entry[2] += k
+            n += k
+            last = entry[2] == frames.shape[0]
+            spans.append((key, k, last))
+            if last:
+                self.queue.popleft()
+        self.queued -= n
+        return (torch.cat(chunks) if len(chunks) > 1 else chunks[0]), spans
+
+    def put(self, feats: torch.Tensor, spans) -> list[tuple[str, torch.Tensor]]:
+        """Give back the batch's features; returns the videos now complete."""
+        done, at = [], 0
+        for key, k, last in spans:
+            self.parts[key].append(feats[at:at + k])
+            at += k
+            if last:
+                parts = self.parts.pop(key)
+                done.append((key, parts[0] if len(parts) == 1 else torch.cat(parts)))
+        return done
+
+
+def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root: PathLike, *,
+                           model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai",
+                           model_config: Optional[Mapping] = None, sample_fps: Optional[float] = VALUE_SAMPLE_FPS,
+                           n_frames: Optional[int] = None,
+                           window: Union[None, tuple[float, float], Mapping[str, tuple[float, float]]] = None,
+                           min_frames: int = 1, batch_size: int = 64, num_workers: int = 2,
+                           device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float16,
+                           resize: str = "crop", image_size: Optional[int] = None, progress: bool = True,
+                           on_error: str = "skip", decode_timeout: Optional[float] = 600.0,
+                           shard: Optional[tuple[int, int]] = None, shard_size: int = 1024, seed: int = 0,
+                           amp: Optional[bool] = None) -> VideoExtractionReport:
+    """Per-frame CLIP embeddings of `videos` ({id: file}) into the store at `store_root`, one (T, D) entry per id.
+
+    Sampling: `n_frames` uniform frames if given (sample_fps is then not used), else `sample_fps` per second;
+    `window` (start, end) seconds for every video, or {id: (start, end)} (ids not in it: the whole video).
+    Frames are decoded and resized in `num_workers` DataLoader processes while this process runs the tower on
+    batches of `batch_size` frames. Ids already in the store are skipped; a kill loses at most the entries not
+    yet written as a shard. shard=(i, n): every n-th id from the i-th, under its own writer prefix, so that n
+    processes fill one store. amp (default: on for CUDA) runs the tower under float16 autocast, as VALUE ran
+    OpenAI's fp16 weights; on CPU it runs in float32. The store holds `dtype`."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = (device.type == "cuda") if amp is None else amp
+    if n_frames is not None:
+        sample_fps = None
+    items = sorted((str(k), v) for k, v in videos.items())
+    prefix = DEFAULT_PREFIX
+    if shard is not None:
+        i, n = shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard {i}/{n}: expected 0 <= i < n")
+        items, prefix = items[i::n], f"part{i}of{n}"
+    meta = video_feature_metadata(model_name, pretrained, model_config, sample_fps=sample_fps, n_frames=n_frames,
+                                  min_frames=min_frames, window=window, resize=resize, image_size=image_size,
+                                  dtype=dtype, seed=seed)
+    if window is None or isinstance(window, Mapping):
+        windows = dict(window or {})
+    else:
+        windows = {k: tuple(window) for k, _ in items}
+
+    writer = FeatureWriter(store_root, meta, shard_size=shard_size, prefix=prefix, background=True)
+    report = VideoExtractionReport(store=str(store_root), requested=len(items), extracted=0, skipped=0,
+                                   device=str(device), feature_dim=meta["feature_dim"])
+    t_loop = None
+    try:
+        pending = [(k, v) for k, v in items if k not in writer]
+        report.skipped = len(items) - len(pending)
+        if pending:
+            t0 = time.perf_counter()
+            visual, mean, std = load_clip_tower(model_name, pretrained, device, model_config, seed)
+            report.load_seconds = time.perf_counter() - t0
+            dataset = VideoFrames(pending, n_frames=n_frames, sample_fps=sample_fps, windows=windows,
+                                  min_frames=min_frames, resize=resize, image_size=meta["image_size"],
+                                  on_error=on_error)
+
+            def failed(key: str, reason: str) -> None:
+                writer.add_failure(key, reason)
+                report.failed[key] = reason
+
+            loader = VideoLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
+                                 decode_timeout=decode_timeout, on_failure=failed)
+            t_loop = time.perf_counter()
+            _extract(loader, visual, mean, std, writer, report, meta, batch_size=batch_size, device=device,
+                     dtype=dtype, amp=amp, bar=tqdm(total=len(pending), unit="video", disable=not progress,
+                                                    desc="video features"))
+            report.restarts = loader.restarts
+    finally:
+        writer.close()  # writes what is buffered, also after an error or Ctrl-C: those entries are complete
+        if t_loop is not None:
+            report.seconds = time.perf_counter() - t_loop
+    report.in_store = len(writer)
+    if report.failed:
+        log.warning("%d video(s) could not be read; listed with reasons in %s/failures-%s.json",
+                    len(report.failed), store_root, prefix)
+    return report
+
+
+def _extract(loader: VideoLoader, visual, mean, std, writer: FeatureWriter, report: VideoExtractionReport,
+             meta: dict, *, batch_size: int, device: torch.device, dtype: torch.dtype, amp: bool, bar) -> None:
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" \
+        else contextlib.nullcontext()
+    packer = _FramePacker(batch_size)
+    expected = meta["feature_dim"]
+
+    def run_batch() -> None:
+        pixels, spans = packer.take()
+        pixels = pixels.to(device, non_blocking=True)
+        with torch.no_grad(), autocast:
+            feats = frame_embeddings(visual, normalise(pixels, mean, std))
+        if feats.dim() != 2 or feats.shape[1] != expected:
+            raise RuntimeError(f"tower {meta['model_name']} gave features of shape {tuple(feats.shape)}, the store "
+                               f"metadata says (frames, {expected})")
+        feats = feats.to(dtype).cpu()  # cast on the device: half the bytes to move for float16
+        for key, f in packer.put(feats, spans):
+            writer.add(key, f)
+            report.extracted += 1
+            report.frames += f.shape[0]
+            bar.update(1)
+
+    seen_failures = 0
+    videos = iter(loader)
+    try:
+        with bar:
+            while True:
+                t_wait = time.perf_counter()
+                video = next(videos, None)
+                report.wait_seconds += time.perf_counter() - t_wait
+                if len(loader.failures) != seen_failures:  # failed videos count as done on the bar
+                    bar.update(len(loader.failures) - seen_failures)
+                    seen_failures = len(loader.failures)
+                    bar.set_postfix(failed=seen_failures)
+                if video is None:
+                    break
+                packer.add(video.id, video.frames)
+                while packer.ready():
+                    run_batch()
+            while packer.queued:
+                run_batch()
+    finally:
+        videos.close()  # after an error too: stops the workers and restores the SIGCHLD handler now, not at GC
+
+
+# ---------------------------------------------------------------------------------------------------------- VALUE
+
+def read_value_npz(path: PathLike) -> torch.Tensor:
+    """The (frames, D) array "features" of one VALUE release file ({vid_name}.npz), as a tensor of its dtype."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueFeatureError(f"{path}: a single .npy array, not an .npz archive with 'features'")
+            if "features" not in z.files:
+                raise ValueFeatureError(f"{path}: no array 'features' (arrays: {z.files})")
+            a = z["features"]
+    except ValueFeatureError:
+        raise
+    except FileNotFoundError:
+        raise ValueFeatureError(f"{path}: file not found") from None
+    except Exception as e:  # BadZipFile, EOFError (empty file), ValueError (pickled objects), OSError
+        raise ValueFeatureError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if a.ndim != 2:
+        raise ValueFeatureError(f"{path}: 'features' has shape {a.shape}, expected (frames, dim)")
+    if a.shape[0] == 0:
+        raise ValueFeatureError(f"{path}: 'features' has 0 frames")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueFeatureError(f"{path}: 'features' has dtype {a.dtype}, expected floating point")
+    if not np.isfinite(a).all():
+        raise ValueFeatureError(f"{path}: 'features' holds NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def value_feature_metadata(feature_dim: int = 512, dtype: torch.dtype = torch.float16) -> dict:
+    """What a store of imported VALUE release features records. Not equal to an extracted store's metadata
+    (other decoder, scaler and frame placement), so the two are never mixed in one store."""
+    return {
+        "kind": "video_frames",
+        "source": "VALUE release (HERO_Video_Feature_Extractor, clip-vit)",
+        "model_name": "ViT-B-32",
+        "pretrained": "openai",
+        "output": "encode_image (pooled, projected, not L2-normalised)",
+        "decoder": "ffmpeg",
+        "sampling": {"sample_fps": VALUE_SAMPLE_FPS},
+        "image_size": 224,
+        "resize": "crop",
+        "feature_dim": int(feature_dim),
+        "dtype": dtype_name(dtype),
+    }
+
+
+@dataclass
+class ValueImportReport:
+    store: str
+    requested: int
+    imported: int
+    skipped: int  # already in the store
+    failed: dict = field(default_factory=dict)  # id -> reason (on_error='skip')
+    frames: int = 0
+    in_store: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["failed"] = len(self.failed)
+        d["failed_ids"] = sorted(self.failed)[:20]
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+def find_value_features(features_dir: PathLike, glob: str = "*.npz") -> dict[str, Path]:
+    """{vid_name: file} of a VALUE feature folder (vis_features/{tv,how2,yc2}/clip-vit/{vid_name}.npz)."""
+    features_dir = Path(features_dir)
+    if not features_dir.is_dir():
+        raise FileNotFoundError(f"feature folder {features_dir} not found")
+    return _by_stem([p for p in features_dir.glob(glob) if p.is_file()])
+
+
+def import_value_features(features: Union[PathLike, Mapping[str, PathLike]], store_root: PathLike, *,
+                          glob: str = "*.npz", dtype: Optional[torch.dtype] = None, on_error: str = "raise",
+                          shard_size: int = 1024, progress: bool = True) -> ValueImportReport:
+    """VALUE's released features (a folder of {vid_name}.npz, or {id: file}) into a FeatureStore, one (frames, D)
+    entry per video. dtype: None keeps the files' dtype (float16 in the release). A bad file raises
+    `ValueFeatureError` naming it (on_error='skip': recorded as a failure and skipped). Resumable."""
+    from tqdm.auto import tqdm
+
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    files = find_value_features(features, glob) if not isinstance(features, Mapping) else \
+        {str(k): Path(v) for k, v in features.items()}
+    items = sorted(files.items())
+    t0 = time.perf_counter()
+    report = ValueImportReport(store=str(store_root), requested=len(items), imported=0, skipped=0)
+    if not items:
+        raise FileNotFoundError(f"no {glob} files in {features}")
+    # the first readable file fixes the store's feature dim and dtype (the metadata must exist before writing)
+    first, failures = None, {}
+    for key, path in items:
+        try:
+            first = read_value_npz(path)
+            break
+        except ValueFeatureError as e:
+            if on_error == "raise":
+                raise
+            failures[key] = str(e)
+    if first is None:
+        raise ValueFeatureError(f"none of the {len(items)} files in {features} is a readable VALUE feature file")
+    dtype = dtype or first.dtype
+    writer = FeatureWriter(store_root, value_feature_metadata(first.shape[1], dtype), shard_size=shard_size,
+                           background=True)
+    try:
+        for key, reason in failures.items():
+            writer.add_failure(key, reason)
+            report.failed[key] = reason
+        pending = [(k, p) for k, p in items if k not in writer and k not in failures]
+        report.skipped = len(items) - len(pending) - len(failures)
+        for key, path in tqdm(pending, unit="video", disable=not progress, desc="VALUE features"):
+            try:
+                feats = read_value_npz(path)
+                if feats.shape[1] != first.shape[1]:
+                    raise ValueFeatureError(f"{path}: feature dim {feats.shape[1]}, the other files have "
+                                            f"{first.shape[1]}")
+            except ValueFeatureError as e:
+                if on_error == "raise":
+                    raise
+                log.warning("%s", e)
+                writer.add_failure(key, str(e))
+                report.failed[key] = str(e)
+                continue
+            writer.add(key, feats.to(dtype))
+            report.imported += 1
+            report.frames += feats.shape[0]
+    finally:
+        writer.close()
+    report.in_store = len(writer)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------- resize
+
+def resize_frames(features: torch.Tensor, n: int = VALUE_FRAMES) -> torch.Tensor:
+    """(T, D) -> (n, D), the reference loader's rule: T < n appends zero rows at the end; T > n takes adaptive
+    max pooling over time (F.adaptive_max_pool1d: output step i is the max over frames floor(i*T/n) ..
+    ceil((i+1)*T/n) - 1); T == n returns the input unchanged. The zero rows are not masked (as the reference)."""
+    if features.dim() != 2:
+        raise ValueError(f"features must be (frames, dim), got shape {tuple(features.shape)}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    t, d = features.shape
+    if t == n:
+        return features
+    if t < n:
+        return torch.cat([features, features.new_zeros(n - t, d)])
+    x = features.t().unsqueeze(0)  # (1, D, T): pool over time per feature
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        x = x.float()  # a max is exact in any precision; float32 is the safe CPU kernel
+    return F.adaptive_max_pool1d(x, n).squeeze(0).t().to(features.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+def _by_stem(files: Sequence[Path]) -> dict[str, Path]:
+    by_stem: dict[str, Path] = {}
+    for p in sorted(files):
+        if p.stem in by_stem:
+            raise ValueError(f"two files have the id {p.stem!r}: {by_stem[p.stem]} and {p}; narrow --glob")
+        by_stem[p.stem] = p
+    return by_stem
+
+
+def find_videos(videos_dir: PathLike, glob: Optional[str] = None,
+                ids: Optional[Sequence[str]] = None) -> dict[str, Optional[Path]]:
+    """{id: path}, id = file stem (VALUE's vid_name). `glob` (relative, '**' recurses) defaults to the video
+    files directly in videos_dir. With `ids`, only those, and an id without a file maps to None (reported as
+    failed by the extraction)."""
+    videos_dir = Path(videos_dir)
+    if not videos_dir.is_dir():
+        raise FileNotFoundError(f"video folder {videos_dir} not found")
+    if glob:
+        files = [p for p in videos_dir.glob(glob) if p.is_file()]
+    else:
+        files = [p for p in videos_dir.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES]
+    by_stem = _by_stem(files)
+    if ids is None:
+        return dict(by_stem)
+    return {i: by_stem.get(i) for i in ids}
+
+
+def _read_ids(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: repeated ids")
+    return ids
+
+
+def parse_rate(text: str) -> float:
+    """'2/3' or '0.6667' -> frames per second (a fraction keeps VALUE's rate exact, so a resumed run matches)."""
+    try:
+        if "/" in text:
+            a, b = text.split("/")
+            value = float(a) / float(b)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 2/3 or 0.5)") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"rate {text!r} must be positive")
+    return value
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.video", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("features", help="per-frame CLIP features of a folder of videos (VALUE's recipe by default)")
+    p.add_argument("--videos-dir", required=True)
+    p.add_argument("--out", required=True, help="store directory (created, or resumed)")
+    p.add_argument("--glob", help="file pattern relative to --videos-dir (e.g. '*.mp4', '**/*.mkv')")
+    p.add_argument("--ids", help="file with one id (file stem) per line; default every video in the folder")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model name")
+    p.add_argument("--model-config", help="JSON file with an open_clip model config, registered as --model")
+    p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or checkpoint file; 'none' for "
+                   "random init (tests, benchmarks)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--sample-fps", type=parse_rate, default=VALUE_SAMPLE_FPS,
+                     help="frames per second, at the middle of each 1/fps segment, e.g. 2/3 (default: VALUE's 2/3)")
+    how.add_argument("--n-frames", type=int, help="instead: this many frames, uniformly over each video")
+    p.add_argument("--min-frames", type=int, default=1, help="at least this many frames per video")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="crop",
+                   help="crop: shorter side to the tower size + centre crop (VALUE's); squash: ignore the aspect")
+    p.add_argument("--image-size", type=int, help="default: the tower's input size")
+    p.add_argument("--batch-size", type=int, default=64, help="frames per tower forward")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes decoding videos")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype")
+    p.add_argument("--on-error", choices=ON_ERROR, default="skip", help="a video that cannot be decoded")
+    p.add_argument("--decode-timeout", type=float, default=600.0, help="seconds one video may take to decode")
+    p.add_argument("--shard", type=parse_shard, help="i/n: extract the i-th of n disjoint parts (0-based)")
+    p.add_argument("--shard-size", type=int, default=1024, help="entries per shard file")
+    p.add_argument("--no-progress", action="store_true")
+    q = sub.add_parser("import-value", help="VALUE's released features ({vid_name}.npz) into a store")
+    q.add_argument("--features-dir", required=True, help="e.g. vis_features/tv/clip-vit")
+    q.add_argument("--out", required=True)
+    q.add_argument("--glob", default="*.npz")
+    q.add_argument("--on-error", choices=ON_ERROR, default="raise", help="a file that cannot be read")
+    q.add_argument("--shard-size", type=int, default=1024)
+    q.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.command == "import-value":
+        report = import_value_features(args.features_dir, args.out, glob=args.glob, on_error=args.on_error,
+                                       shard_size=args.shard_size, progress=not args.no_progress)
+        print(json.dumps(report.summary()))
+        return 0
+
+    videos = find_videos(args.videos_dir, args.glob, _read_ids(args.ids) if args.ids else None)
+    if not videos:
+        raise SystemExit(f"no videos in {args.videos_dir} (glob {args.glob or 'video suffixes'})")
+    model_config = None
+    if args.model_config:
+        with open(args.model_config, encoding="utf-8") as f:
+            model_config = json.load(f)
+    report = extract_video_features(
+        videos, args.out, model_name=args.model,
+        pretrained=None if args.pretrained.lower() == "none" else args.pretrained, model_config=model_config,
+        sample_fps=args.sample_fps, n_frames=args.n_frames, min_frames=args.min_frames, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=args.device, dtype=dtype_from_name(args.dtype), resize=args.resize,
+        image_size=args.image_size, progress=not args.no_progress, on_error=args.on_error,
+        decode_timeout=args.decode_timeout, shard=args.shard, shard_size=args.shard_size)
+    print(json.dumps(report.summary()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
