@@ -8,6 +8,7 @@ file does not have is added; a typo is still an error, raised by the section's r
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,12 +19,27 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied; names the file or the key."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 (no dot) as a string, so `lr: 1e-3` or `train.lr=2e-3` would reach the optimizer as
+    text; numbers in exponent form are floats here."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(config, dict):
@@ -44,7 +60,7 @@ def apply_overrides(config: dict, overrides: Iterable[str], source: str = "confi
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {'.'.join(parts[:i + 1])!r} in {source} is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = _load_yaml(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {key!r}: value {raw!r} is not valid YAML ({e})") from None
     return config
