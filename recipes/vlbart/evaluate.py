@@ -1,0 +1,113 @@
+"""Score a VL-BART run on its tasks' test splits: predictions in the official formats, scored by `eval`.
+
+    python -m recipes.vlbart.evaluate RUN_DIR                 # the trained model (adapter merged in memory)
+    python -m recipes.vlbart.evaluate RUN_DIR --no-adapter    # the model before training, same data and scorer
+    python -m recipes.vlbart.evaluate RUN_DIR --tasks vqa,nlvr --out DIR --batch-size 64
+
+RUN_DIR is a training run's output_dir (config.yaml, tokenizer/, adapter/ or trainable.safetensors). For each task
+with a `test` file and a `score` section it writes DIR/predictions_{task}.jsonl ({"question_id", "text"}: the id
+is the question id, the NLVR2 identifier, or the image id for captions), scores it with `eval`'s scorer for the
+task, prints a table and writes DIR/scores.json; the last line printed is the scores as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from data.vlbart import VLCollator
+from recipes.config import load_config, section
+from recipes.vlbart.tasks import TaskConfig, predict_batch, prediction_rows, task_configs, task_dataset
+
+
+def load_run(run: Path, with_adapter: bool = True, device=None):
+    """(model, tokenizer, config) of a training run, the trained weights applied (merged for DoRA)."""
+    from dataclasses import fields
+
+    from recipes.vlbart.train import TRAINABLE_FILE, VLModelConfig, adapt, build_model
+
+    config = load_config(run / "config.yaml")
+    model_cfg = VLModelConfig(**section(config, "model", [f.name for f in fields(VLModelConfig)]))
+    model, tokenizer = build_model(model_cfg)
+    method = config.get("method", "dora")
+    if with_adapter:
+        if method == "dora":
+            from dora import load_adapter, merge_dora
+            load_adapter(model, run / "adapter")
+            merge_dora(model)  # one GEMM per layer at inference
+        else:
+            from safetensors.torch import load_file
+            adapt(model, config)
+            state = load_file(str(run / TRAINABLE_FILE))
+            missing = set(state) - {n for n, _ in model.named_parameters()}
+            if missing:
+                raise ValueError(f"{run / TRAINABLE_FILE}: parameters {sorted(missing)[:3]} are not in the model")
+            model.load_state_dict(state, strict=False)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer, config
+
+
+def predict(model, tokenizer, task: TaskConfig, batch_size: int, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    dataset = task_dataset(task, tokenizer, "test")
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=VLCollator(tokenizer.pad_token_id))
+    device = next(model.parameters()).device
+    rows = []
+    for batch in tqdm(loader, desc=f"predict {task.name}", disable=not progress, dynamic_ncols=True):
+        if batch.get("empty"):
+            continue
+        rows += prediction_rows(batch["ids"], predict_batch(model, tokenizer, batch, task, device))
+    return rows
+
+
+def evaluate(run: Path, out: Path, tasks: list[str] | None = None, with_adapter: bool = True,
+             batch_size: int = 64) -> dict:
+    from eval.files import write_jsonl
+    from eval.tasks import TaskOptions, score
+
+    start = time.perf_counter()
+    model, tokenizer, config = load_run(run, with_adapter)
+    configs = task_configs(config)
+    names = tasks or [n for n, t in configs.items() if t.test and t.score]
+    results = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        task = configs[name]
+        if not task.score:
+            raise ValueError(f"tasks.{name} has no score section (which eval task and ground truth)")
+        rows = predict(model, tokenizer, task, batch_size)
+        path = out / f"predictions_{name}.jsonl"
+        write_jsonl(path, rows)
+        options = {k: v for k, v in task.score.items() if k not in ("task", "gt")}
+        results[name] = score(task.score["task"], path, Path(task.score["gt"]), TaskOptions(**options))
+    summary = {name: round(r["score"], 2) for name, r in results.items()}
+    (out / "scores.json").write_text(json.dumps({"scores": summary, "details": results,
+                                                 "seconds": round(time.perf_counter() - start, 1)}, indent=1))
+    return {"scores": summary, "details": results}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--out", type=Path, help="default: RUN/eval (RUN/eval_base with --no-adapter)")
+    parser.add_argument("--tasks", help="comma-separated task names (default: every task with a test file)")
+    parser.add_argument("--no-adapter", action="store_true", help="score the model before training")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    out = args.out or args.run / ("eval_base" if args.no_adapter else "eval")
+    result = evaluate(args.run, out, args.tasks.split(",") if args.tasks else None, not args.no_adapter,
+                      args.batch_size)
+    for name, r in result["details"].items():
+        print(f"{name:<10} {r['metric']:<45} {r['score']:8.2f}")
+    print(json.dumps(result["scores"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The VL-BART recipe's tasks as its config describes them: data, loss, prediction and scoring per task.
+
+A task section of a config:
+
+    vqa:
+      format: vqa                     # vqa (VQAv2 / GQA files) | nlvr | karpathy_caption
+      train: [datasets/vqa/karpathy_train.json]
+      test: datasets/vqa/karpathy_test.json
+      features: [features/coco]       # feature stores, looked up in turn
+      batch_size: 300                 # global, per optimizer step (each process takes batch_size / processes)
+      prompt: "vqa: "
+      max_input_length: 20            # tokens, special tokens included (null: no limit)
+      max_target_length: 10
+      loss: example                   # example: mean per example, then over the batch | token: over all tokens
+      score_weighted: true            # weight each example's loss by its answer's score (VQA)
+      predict: {mode: generate, num_beams: 1, max_length: 20}     # or {mode: choose} (NLVR2: true vs false)
+      score: {task: vqav2, gt: datasets/vqa/karpathy_test.json}   # how `python -m eval` scores the predictions
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from data.vlbart import (
+    IGNORE_INDEX,
+    NLVR_ANSWERS,
+    PROMPTS,
+    Example,
+    FeatureLookup,
+    TaskDataset,
+    read_karpathy_captions,
+    read_nlvr,
+    read_vqa,
+)
+from data.value import VIDEO_PROMPTS, read_subtitles, video_examples
+from recipes.config import ConfigError
+
+FORMATS = ("vqa", "nlvr", "karpathy_caption", "video_qa", "video_caption")
+DEFAULT_FORMAT = {"vqa": "vqa", "gqa": "vqa", "nlvr": "nlvr", "caption": "karpathy_caption",
+                  "tvqa": "video_qa", "how2qa": "video_qa", "tvc": "video_caption", "yc2c": "video_caption"}
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    train: list = field(default_factory=list)
+    test: Optional[str] = None
+    features: list = field(default_factory=list)
+    format: Optional[str] = None
+    batch_size: int = 32
+    prompt: Optional[str] = None
+    max_input_length: Optional[int] = None
+    max_target_length: Optional[int] = None
+    loss: str = "example"
+    score_weighted: bool = False
+    train_splits: list = field(default_factory=lambda: ["train", "restval"])  # karpathy_caption only
+    test_splits: list = field(default_factory=lambda: ["test"])
+    predict: dict = field(default_factory=lambda: {"mode": "generate", "num_beams": 1, "max_length": 20})
+    score: dict = field(default_factory=dict)
+    subtitles: list = field(default_factory=list)  # video tasks: VALUE's subtitle files
+    frames: Optional[int] = None  # video tasks: features resized to this many time steps (64)
+    truncate: str = "context"  # video tasks: "context" (subtitles cut first) or "right" (the reference's cut)
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict) -> "TaskConfig":
+        known = {f.name for f in fields(cls)} - {"name"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"tasks.{name}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        config = cls(name=name, **data)
+        if isinstance(config.train, str):
+            config.train = [config.train]
+        for key in ("features", "subtitles"):
+            if isinstance(getattr(config, key), str):
+                setattr(config, key, [getattr(config, key)])
+        config.format = config.format or DEFAULT_FORMAT.get(name)
+        if config.format not in FORMATS:
+            raise ConfigError(f"tasks.{name}.format must be one of {FORMATS} (no default for a task named {name!r})")
+        if config.prompt is None:
+            config.prompt = {**PROMPTS, **VIDEO_PROMPTS}.get(name, f"{name}: ")
+        if config.truncate not in ("context", "right"):
+            raise ConfigError(f"tasks.{name}.truncate must be context or right, not {config.truncate!r}")
+        if config.loss not in ("example", "token"):
+            raise ConfigError(f"tasks.{name}.loss must be example or token, not {config.loss!r}")
+        if config.predict.get("mode", "generate") not in ("generate", "choose"):
+            raise ConfigError(f"tasks.{name}.predict.mode must be generate or choose")
+        return config
+
+
+def task_configs(config: dict) -> dict[str, TaskConfig]:
+    tasks = config.get("tasks") or {}
+    if not isinstance(tasks, dict) or not tasks:
+        raise ConfigError("the config needs a 'tasks' section naming at least one task")
+    return {name: TaskConfig.from_dict(name, data or {}) for name, data in tasks.items()}
+
+
+def read_examples(task: TaskConfig, split: str) -> list[Example]:
+    paths = task.train if split == "train" else [task.test]
+    if not paths or paths == [None]:
+        raise ConfigError(f"tasks.{task.name} has no {split} file")
+    if task.format == "vqa":
+        return read_vqa(paths)
+    if task.format == "nlvr":
+        return [e for p in paths for e in read_nlvr(p)]
+    if task.format in ("video_qa", "video_caption"):
+        return video_examples(task.name, paths, read_subtitles(task.subtitles) if task.subtitles else {},
+                              train=split == "train")
+    splits = task.train_splits if split == "train" else task.test_splits
+    return [e for p in paths for e in read_karpathy_captions(p, splits, per_caption=split == "train")]
+
+
+def open_features(task: TaskConfig) -> FeatureLookup:
+    from data.features import FeatureStore
+
+    if not task.features:
+        raise ConfigError(f"tasks.{task.name} names no feature store")
+    return FeatureLookup([FeatureStore(p) for p in task.features])
+
+
+def task_dataset(task: TaskConfig, tokenizer, split: str, seed: int = 0) -> TaskDataset:
+    return TaskDataset(task.name, read_examples(task, split), open_features(task), tokenizer, prompt=task.prompt,
+                       max_input_length=task.max_input_length, max_target_length=task.max_target_length,
+                       train=split == "train", seed=seed, frames=task.frames, truncate=task.truncate)
+
+
+# --------------------------------------------------------------------------------------------------- loss
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, score: Optional[torch.Tensor], task: TaskConfig):
+    """The reference's reductions: VQA, GQA, NLVR2 average each example's tokens, then the examples (VQA
+    weighted by the answer's score); captions average all target tokens of the batch.
+
+    The batch is the global one: data-parallel training averages the processes' gradients, so a token mean is
+    taken over the tokens of every process (one all-reduce of a count), else processes with fewer target tokens
+    would weigh more than one process holding the whole batch."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                         reduction="none").view(labels.shape)
+    mask = (labels != IGNORE_INDEX).float()
+    if task.loss == "token":
+        tokens = mask.sum()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            world = torch.distributed.get_world_size()
+            total = tokens.detach().clone()
+            torch.distributed.all_reduce(total)
+            return (ce * mask).sum() * world / total.clamp_min(1.0)
+        return (ce * mask).sum() / tokens.clamp_min(1.0)
+    per_example = (ce * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    if task.score_weighted and score is not None:
+        per_example = per_example * score.to(per_example.device)
+    return per_example.mean()
+
+
+# --------------------------------------------------------------------------------------------------- prediction
+@torch.no_grad()
+def predict_batch(model, tokenizer, batch: dict, task: TaskConfig, device) -> list[str]:
+    """Answer texts for a batch: generated (greedy / beam), or the better of the task's candidate answers."""
+    args = (batch["input_ids"].to(device), batch["attention_mask"].to(device),
+            batch["vis_feats"].to(device, next(model.parameters()).dtype))
+    options = {k: v for k, v in task.predict.items() if k != "mode"}
+    if task.predict.get("mode", "generate") == "choose":
+        answers = options.get("answers", list(NLVR_ANSWERS))
+        candidates = tokenizer(answers, padding=True, return_tensors="pt")["input_ids"].to(device)
+        return [answers[i] for i in model.choose(*args, candidates=candidates).tolist()]
+    out = model.generate(*args, **options)
+    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def prediction_rows(ids: list[str], texts: list[str]) -> list[dict]:
+    """Predictions as the evaluators read them: LLaVA's answer-file shape {"question_id", "text"}."""
+    return [{"question_id": i, "text": t} for i, t in zip(ids, texts)]
+
