@@ -5,7 +5,7 @@ The four tasks, each in the format VL-T5 / the DoRA fork reads, plus the ground 
 - vqa/karpathy_{train,test}.json: colour, shape and count questions; "label" {answer: score} and ten "answers".
 - gqa/{train,testdev}.json: the same facts asked another way ("What is the colour of the squares?").
 - nlvr/{train,test}.json: a statement about two images, true or false (more shapes on the left? the same colour?
-  the same kind of shape?); "label" 1 / 0 and NLVR2 identifiers (split-set-pair-sentence).
+  the same number of shapes?); "label" 1 / 0 and NLVR2 identifiers (split-set-pair-sentence).
 - coco/dataset_coco.json: Karpathy's format, five captions per image ("two red circles.").
 Chance: VQA 1/3.7, GQA the same, NLVR2 1/2.
 """
@@ -41,12 +41,17 @@ def captions(scene: Scene) -> list[str]:
             f"an image with {n} {c} {s}."]
 
 
+NLVR_KINDS = ("more", "colour", "number")
+
+
 def nlvr_statement(left: Scene, right: Scene, kind: str) -> tuple[str, bool]:
-    if kind == "count":
+    """Statements that compare the two images. (Whether both show the same kind of shape was tried too: it stayed at
+    chance within the demo's budget, where these reach 0.8-1.0.)"""
+    if kind == "more":
         return "The left image has more shapes than the right image.", left.count > right.count
     if kind == "colour":
         return "Both images show shapes of the same colour.", left.colour == right.colour
-    return "The two images show the same kind of shape.", left.shape == right.shape
+    return "The two images show the same number of shapes.", left.count == right.count
 
 
 def write_vlbart_demo(root: str | Path, n_train_images: int = 300, n_test_images: int = 60, seed: int = 0,
@@ -106,7 +111,7 @@ def _nlvr_records(drawn, split: str, rng: random.Random) -> list[dict]:
     true (chance 1/2, not the majority answer of unbalanced pairs)."""
     records = []
     for pair, (left_id, left) in enumerate(drawn):
-        for k, kind in enumerate(("count", "colour", "shape")):
+        for k, kind in enumerate(NLVR_KINDS):
             want = rng.random() < 0.5
             fits = [(i, s) for i, s in drawn if i != left_id and nlvr_statement(left, s, kind)[1] == want]
             right_id, right = rng.choice(fits or [(i, s) for i, s in drawn if i != left_id])

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--pred", required=True, type=Path)
     w.add_argument("--questions", required=True, type=Path,
                    help="vqav2: v2_OpenEnded_mscoco_test2015_questions.json (or LLaVA's jsonl); vizwiz: test.json; "
-                        "mmbench: the test TSV")
+                        "mmbench: the test TSV; tvqa/how2qa/tvc/yc2c: VALUE's test JSONL (tvqa_test_release.jsonl, ...)")
     w.add_argument("--out", required=True, type=Path)
     w.add_argument("--circular", action="store_true",
                    help="mmbench: for a TSV without rotated copies, add them (predictions needed for index + k*1000000)")

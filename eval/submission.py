@@ -5,10 +5,15 @@
 - VizWiz test (EvalAI): a JSON list of {"image": file name, "answer": str}; every question must be answered.
 - MMBench test (OpenCompass): the question TSV without hint/category/source/image/comment/l2-category columns,
   plus a "prediction" column, as .xlsx.
+- VALUE (TVQA, How2QA, TVC, YC2C test; VALUE-Leaderboard/EvaluationTools 10fc2d4 README and sample submission):
+  TVQA / How2QA `{task}_test[_public]_predictions.json` = {"qid": answer index}; TVC / YC2C
+  `{task}_test_predictions.jsonl`, one {"vid_name", "clip_id", ("ts" for TVC), "descs": [{"desc": caption}]} per
+  clip. The server takes a zip with one folder per task holding its val and test files.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .files import InputError, iter_jsonl, load_json, write_text
@@ -113,4 +118,60 @@ def _rotated_copies(table, build_choices):
     return copies
 
 
-SUBMISSIONS = {"vqav2": vqav2_submission, "vizwiz": vizwiz_submission, "mmbench": mmbench_submission}
+def _value_records(path: Path, key: str) -> list[dict]:
+    records = []
+    for n, r in iter_jsonl(path, "question file"):
+        if not isinstance(r, dict) or key not in r:
+            raise InputError(f"{path}:{n}: no {key!r} field")
+        records.append(r)
+    return records
+
+
+def _covered(predictions: Path, preds: dict, ids: list[str], questions: Path, what: str) -> None:
+    unknown = set(preds) - set(ids)
+    if unknown:
+        raise InputError(f"{predictions}: {len(unknown)} ids are not in {questions}, e.g. {sorted(unknown)[:5]}")
+    missing = [i for i in ids if i not in preds]
+    if missing:
+        raise InputError(f"{predictions}: {len(missing)} {what} unanswered, e.g. {missing[:5]}; the VALUE server "
+                         f"needs all of them")
+
+
+def _value_qa_submission(n_choices: int):
+    def write(predictions: Path, questions: Path, out: Path) -> dict:
+        """{qid: index}. Only an exact "a{k}" is an answer (the rule the scorers apply); any other text is
+        written as -1, which the server counts wrong, and counted here."""
+        preds = read_predictions(predictions).text
+        qids = [str(r["qid"]) for r in _value_records(questions, "qid")]
+        _covered(predictions, preds, qids, questions, "questions")
+        answers, other = {}, 0
+        for qid in qids:
+            m = re.fullmatch(r"a(\d)", preds[qid])
+            answers[qid] = int(m.group(1)) if m and int(m.group(1)) < n_choices else -1
+            other += answers[qid] == -1
+        write_text(out, json.dumps(answers))
+        return {"questions": len(qids), "non_canonical_answers": other, "file": str(out)}
+    return write
+
+
+def _value_caption_submission(with_ts: bool):
+    def write(predictions: Path, questions: Path, out: Path) -> dict:
+        """One line per clip of the question file, in its order, the caption as the clip's one description."""
+        preds = read_predictions(predictions).text
+        clips = _value_records(questions, "clip_id")
+        _covered(predictions, preds, [str(c["clip_id"]) for c in clips], questions, "clips")
+        lines = []
+        for c in clips:
+            row = {"vid_name": c.get("vid_name"), "clip_id": c["clip_id"]}
+            if with_ts:
+                row["ts"] = c.get("ts")
+            row["descs"] = [{"desc": preds[str(c["clip_id"])]}]
+            lines.append(json.dumps(row))
+        write_text(out, "".join(line + "\n" for line in lines))
+        return {"clips": len(clips), "file": str(out)}
+    return write
+
+
+SUBMISSIONS = {"vqav2": vqav2_submission, "vizwiz": vizwiz_submission, "mmbench": mmbench_submission,
+               "tvqa": _value_qa_submission(5), "how2qa": _value_qa_submission(4),
+               "tvc": _value_caption_submission(with_ts=True), "yc2c": _value_caption_submission(with_ts=False)}

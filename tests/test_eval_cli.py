@@ -295,3 +295,46 @@ def test_mmbench_submission_adds_copies_only_to_a_tsv_without_them(tmp_path, cap
     assert list(sheet.loc[1, ["A", "B", "C"]]) == ["green", "red", "blue"]  # copy 1: texts[-1:] + texts[:-1]
     code, _, text = run(capsys, "submit", "mmbench", "--pred", p, "--questions", tsv, "--out", tmp_path / "s.xlsx")
     assert code == 2 and "2 ids are not in" in text  # without --circular the file has no copies to answer
+
+
+def test_value_submissions_in_the_servers_format(tmp_path, capsys):
+    """VALUE-Leaderboard/EvaluationTools' sample submission: QA {qid: index}; captions one JSON line per clip."""
+    def jsonl(path, rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    def submit(capsys, *argv):
+        code = main(list(map(str, argv)))
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+    tvqa = jsonl(tmp_path / "tvqa_test_release.jsonl", [
+        {"qid": q, "vid_name": f"s01e0{q}_seg02_clip_0{q}", "q": "?", "ts": "1.0-2.0",
+         **{f"a{i}": str(i) for i in range(5)}} for q in (11, 12, 13)])
+    pred = jsonl(tmp_path / "p.jsonl", [{"question_id": 11, "text": "a3"}, {"question_id": 12, "text": "a0"},
+                                        {"question_id": 13, "text": "A3."}])
+    out = tmp_path / "tvqa" / "tvqa_test_predictions.json"
+    code, text = submit(capsys, "submit", "tvqa", "--pred", pred, "--questions", tvqa, "--out", out)
+    assert code == 0, text
+    assert json.loads(out.read_text()) == {"11": 3, "12": 0, "13": -1}  # only an exact a{k} is an answer
+    assert '"non_canonical_answers": 1' in text
+    # How2QA has 4 choices: a4 is not one of them
+    jsonl(pred, [{"question_id": q, "text": "a4"} for q in (11, 12, 13)])
+    code, text = submit(capsys, "submit", "how2qa", "--pred", pred, "--questions", tvqa, "--out", tmp_path / "h.json")
+    assert code == 0 and set(json.loads((tmp_path / "h.json").read_text()).values()) == {-1}
+    jsonl(pred, [{"question_id": 11, "text": "a1"}])
+    code, text = submit(capsys, "submit", "tvqa", "--pred", pred, "--questions", tvqa, "--out", out)
+    assert code == 2 and "2 questions unanswered" in text
+
+    tvc = jsonl(tmp_path / "tvc_test_release.jsonl", [
+        {"vid_name": "friends_s01e01_seg02_clip_00", "clip_id": 7, "ts": [1.5, 4.0], "duration": 60.0},
+        {"vid_name": "friends_s01e01_seg02_clip_01", "clip_id": 9, "ts": [0.0, 2.0], "duration": 60.0}])
+    jsonl(pred, [{"question_id": 9, "text": "he sits down."}, {"question_id": 7, "text": "she laughs."}])
+    code, text = submit(capsys, "submit", "tvc", "--pred", pred, "--questions", tvc, "--out", tmp_path / "tvc.jsonl")
+    assert code == 0, text
+    lines = [json.loads(line) for line in (tmp_path / "tvc.jsonl").read_text().splitlines()]
+    assert lines == [{"vid_name": "friends_s01e01_seg02_clip_00", "clip_id": 7, "ts": [1.5, 4.0],
+                      "descs": [{"desc": "she laughs."}]},
+                     {"vid_name": "friends_s01e01_seg02_clip_01", "clip_id": 9, "ts": [0.0, 2.0],
+                      "descs": [{"desc": "he sits down."}]}]
+    code, text = submit(capsys, "submit", "yc2c", "--pred", pred, "--questions", tvc, "--out", tmp_path / "y.jsonl")
+    assert code == 0 and "ts" not in json.loads((tmp_path / "y.jsonl").read_text().splitlines()[0])

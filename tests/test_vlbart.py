@@ -28,13 +28,12 @@ def assets(tmp_path_factory):
     """The demo's data and tiny BART, and random features for its images (no tower: fast)."""
     from data.features import FeatureWriter
     from data.vlbart_demo import write_vlbart_demo
-    from recipes.vlbart.demo import _text_pairs
+    from recipes.vlbart.demo import demo_texts
     from recipes.vlbart.demo_models import make_tiny_bart
 
     root = tmp_path_factory.mktemp("vlbart")
     files = write_vlbart_demo(root / "data", n_train_images=24, n_test_images=8, image_size=32)
-    texts, pairs = _text_pairs()
-    make_tiny_bart(root / "bart", texts, pairs, steps=0, d_model=32, dropout=0.0)  # runs compare number for number
+    make_tiny_bart(root / "bart", demo_texts(), steps=0, d_model=32, dropout=0.0)  # runs compare number for number
     g = torch.Generator().manual_seed(0)
     with FeatureWriter(root / "features", shard_size=16) as w:
         for image in sorted(files["images"].glob("*.png")):

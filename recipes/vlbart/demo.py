@@ -25,23 +25,21 @@ TASK_NAMES = {"vqa": "VQA accuracy", "gqa": "GQA accuracy", "nlvr": "NLVR2 accur
 CHANCE = {"vqa": 1 / 3 * (1 / 4 + 1 / 3 + 1 / 3) * 100, "gqa": 1 / 3 * (1 / 4 + 1 / 3 + 1 / 3) * 100, "nlvr": 50.0}
 
 
-def _text_pairs() -> tuple[list[str], list[tuple[str, str]]]:
-    """The demo's text (for the tokenizer) and text-only (input, target) pairs for the tiny BART's pretraining:
-    questions and statements with their kind of answer, blind to any image. Captions are left out of the
-    pretraining: describing an image is what the demo's training has to teach."""
+def demo_texts() -> list[str]:
+    """Every sentence the demo's tasks use (questions, answers, statements, captions, prompts): the tokenizer's
+    training text and the tiny BART's denoising pretraining text, which teaches it the language, not the tasks."""
     from data.demo_shapes import COLOURS, SHAPES, Scene
-    from data.vlbart_demo import nlvr_statement
+    from data.vlbart_demo import NLVR_KINDS, nlvr_statement
 
     scenes = [Scene(s, c, n) for s in SHAPES for c in COLOURS for n in (1, 2, 3)]
-    pairs = []
+    texts = {"true", "false", "vqa: ", "gqa: ", "nlvr: ", "caption: "}
     for scene in scenes:
-        pairs += [(f"vqa: {q}", a) for q, a in vqa_questions(scene)]
-        pairs += [(f"gqa: {q}", a) for q, a in gqa_questions(scene)]
-        for kind in ("count", "colour", "shape"):
-            statement, truth = nlvr_statement(scene, scenes[(scenes.index(scene) * 7 + 3) % len(scenes)], kind)
-            pairs.append((f"nlvr: {statement}", "true" if truth else "false"))
-    texts = [p for p, _ in pairs] + [t for _, t in pairs] + [c for s in scenes for c in captions(s)] + ["caption: "]
-    return texts, pairs
+        texts.update(q for q, _ in vqa_questions(scene) + gqa_questions(scene))
+        texts.update(a for _, a in vqa_questions(scene) + gqa_questions(scene))
+        texts.update(captions(scene))
+        for kind in NLVR_KINDS:
+            texts.add(nlvr_statement(scene, scene, kind)[0])
+    return sorted(texts)
 
 
 def prepare(root: Path, seed: int = 0) -> None:
@@ -58,8 +56,7 @@ def prepare(root: Path, seed: int = 0) -> None:
                                     calibrate_batchnorm=128)
     print(f"features: {report.extracted} extracted, {report.skipped} already in {root / 'features'}", flush=True)
     if not (root / "bart" / "model.safetensors").is_file():
-        texts, pairs = _text_pairs()
-        make_tiny_bart(root / "bart", texts, pairs, steps=150, seed=seed)
+        make_tiny_bart(root / "bart", demo_texts(), steps=300, seed=seed)
         print(f"wrote the tiny BART and its tokenizer to {root / 'bart'}", flush=True)
     run = root / "run"
     if (run / "train_summary.json").is_file():  # a finished run: start over (an unfinished one resumes)
@@ -86,7 +83,7 @@ def finish(root: Path) -> dict:
         chance = f"{CHANCE[task]:8.1f}" if task in CHANCE else f"{'':>8}"
         print(f"{name:<16} {before[task]:8.1f} {after[task]:8.1f} {chance}")
     print(f"training: {summary['steps']} steps, loss {summary['losses'][0]:.3f} -> {summary['losses'][-1]:.3f}; "
-          f"{summary['trainable']}")
+          f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters trained")
     result = {"before": before, "after": after, "chance": {k: round(v, 1) for k, v in CHANCE.items()},
               "steps": summary["steps"], "final_loss": round(summary["losses"][-1], 4), "adapter": str(run / "adapter"),
               "evaluation_seconds": round(time.perf_counter() - start, 1)}

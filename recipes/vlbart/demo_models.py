@@ -2,8 +2,9 @@
 
 No machine here downloads weights, so the demo and the tests write, in a folder:
     bart/   a byte-level BPE tokenizer trained on the demo's text (as BART's is byte-level BPE) and a small
-            BartForConditionalGeneration, briefly trained as a text-only seq2seq on the demo's prompts and answers
-            (the role BART's pretraining plays: fluent answers of the right kind, blind to the image)
+            BartForConditionalGeneration, briefly pretrained as BART is: a denoising autoencoder that rebuilds the
+            demo's sentences from copies with words masked. It then knows the language but none of the tasks
+            (no prompt, no image), which is what fine-tuning facebook/bart-base starts from.
 and the recipe then loads it through the same from_pretrained path facebook/bart-base takes.
 """
 from __future__ import annotations
@@ -34,17 +35,28 @@ def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 500):
     return fast
 
 
-def pretrain_text(model, tokenizer, pairs: Sequence[tuple[str, str]], steps: int, batch_size: int = 32,
-                  lr: float = 3e-3, seed: int = 0) -> float:
-    """A few steps of text-only seq2seq on (input, target) pairs, no image."""
+def mask_words(text: str, rng: random.Random, rate: float = 0.3) -> str:
+    """BART's text infilling, by words: each word replaced by <mask> with probability `rate`, runs merged."""
+    out = []
+    for word in text.split(" "):
+        masked = rng.random() < rate
+        if not (masked and out and out[-1] == "<mask>"):
+            out.append("<mask>" if masked else word)
+    return " ".join(out)
+
+
+def pretrain_denoising(model, tokenizer, texts: Sequence[str], steps: int, batch_size: int = 32,
+                       lr: float = 3e-3, seed: int = 0) -> float:
+    """A few steps of denoising autoencoding on text: a masked copy in, the sentence out. No image, no prompt."""
     rng = random.Random(seed)
+    texts = list(texts)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        batch = rng.sample(list(pairs), min(batch_size, len(pairs)))
-        enc = tokenizer([p for p, _ in batch], return_tensors="pt", padding=True)
-        labels = tokenizer([t for _, t in batch], return_tensors="pt", padding=True)["input_ids"]
+        batch = rng.sample(texts, min(batch_size, len(texts)))
+        enc = tokenizer([mask_words(t, rng) for t in batch], return_tensors="pt", padding=True)
+        labels = tokenizer(batch, return_tensors="pt", padding=True)["input_ids"]
         labels[labels == tokenizer.pad_token_id] = -100
         loss = model(**enc, labels=labels).loss
         loss.backward()
@@ -54,9 +66,9 @@ def pretrain_text(model, tokenizer, pairs: Sequence[tuple[str, str]], steps: int
     return loss.item()
 
 
-def make_tiny_bart(out: str | Path, texts: Sequence[str], pairs: Sequence[tuple[str, str]] = (),
-                   steps: int = 0, d_model: int = 64, layers: int = 2, dropout: float = 0.1, seed: int = 0) -> Path:
-    """Tokenizer + BART (encoder and decoder of `layers` layers each) saved in `out`."""
+def make_tiny_bart(out: str | Path, texts: Sequence[str], steps: int = 0, d_model: int = 64, layers: int = 2,
+                   dropout: float = 0.1, seed: int = 0) -> Path:
+    """Tokenizer + BART (encoder and decoder of `layers` layers each), pretrained `steps` steps on `texts`."""
     from transformers import BartConfig, BartForConditionalGeneration
 
     out = Path(out)
@@ -69,6 +81,6 @@ def make_tiny_bart(out: str | Path, texts: Sequence[str], pairs: Sequence[tuple[
                         dropout=dropout)  # bart-base's 0.1; 0 where tests compare runs number for number
     model = BartForConditionalGeneration(config)
     if steps:
-        pretrain_text(model, tokenizer, pairs, steps, seed=seed)
+        pretrain_denoising(model, tokenizer, texts, steps, seed=seed)
     model.save_pretrained(out)
     return out

@@ -3,6 +3,7 @@
     python -m recipes.vlbart.evaluate RUN_DIR                 # the trained model (adapter merged in memory)
     python -m recipes.vlbart.evaluate RUN_DIR --no-adapter    # the model before training, same data and scorer
     python -m recipes.vlbart.evaluate RUN_DIR --tasks vqa,nlvr --out DIR --batch-size 64
+    python -m recipes.vlbart.evaluate RUN_DIR --submit DIR    # server files for the tasks with a `submit` section
 
 RUN_DIR is a training run's output_dir (config.yaml, tokenizer/, adapter/ or trainable.safetensors). For each task
 with a `test` file and a `score` section it writes DIR/predictions_{task}.jsonl ({"question_id", "text"}: the id
@@ -92,6 +93,31 @@ def evaluate(run: Path, out: Path, tasks: list[str] | None = None, with_adapter:
     return {"scores": summary, "details": results}
 
 
+def write_submissions(run: Path, out: Path, batch_size: int = 64) -> dict:
+    """For every task with a `submit` section ({questions: the test file, file: the name the server wants}),
+    predictions on the test file written as `python -m eval submit TASK` writes them: out/TASK/FILE (VALUE wants
+    one folder per task, zipped)."""
+    from dataclasses import replace
+
+    from eval.files import write_jsonl
+    from eval.submission import SUBMISSIONS
+
+    model, tokenizer, config = load_run(run)
+    written = {}
+    for name, task in task_configs(config).items():
+        if not task.submit:
+            continue
+        kind = task.score.get("task", name)
+        if kind not in SUBMISSIONS:
+            raise ValueError(f"tasks.{name}: no submission format for {kind!r} (known: {sorted(SUBMISSIONS)})")
+        questions = Path(task.submit["questions"])
+        rows = predict(model, tokenizer, replace(task, test=str(questions)), batch_size)
+        write_jsonl(out / f"predictions_{name}_submit.jsonl", rows)
+        written[name] = SUBMISSIONS[kind](out / f"predictions_{name}_submit.jsonl", questions,
+                                          out / name / task.submit.get("file", f"{name}_test_predictions.json"))
+    return written
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
@@ -99,7 +125,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", help="comma-separated task names (default: every task with a test file)")
     parser.add_argument("--no-adapter", action="store_true", help="score the model before training")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--submit", type=Path, metavar="DIR", help="write the server submission files instead")
     args = parser.parse_args(argv)
+    if args.submit:
+        print(json.dumps(write_submissions(args.run, args.submit, args.batch_size)))
+        return 0
     out = args.out or args.run / ("eval_base" if args.no_adapter else "eval")
     result = evaluate(args.run, out, args.tasks.split(",") if args.tasks else None, not args.no_adapter,
                       args.batch_size)

@@ -15,6 +15,10 @@ A task section of a config:
       score_weighted: true            # weight each example's loss by its answer's score (VQA)
       predict: {mode: generate, num_beams: 1, max_length: 20}     # or {mode: choose} (NLVR2: true vs false)
       score: {task: vqav2, gt: datasets/vqa/karpathy_test.json}   # how `python -m eval` scores the predictions
+      submit: {questions: ..., file: ...}   # optional: the server-only test split, written by evaluate --submit
+
+Video tasks add `subtitles` (VALUE's subtitle files), `frames` (features resized to 64 time steps) and `truncate`
+(context: the subtitles are cut first to fit max_input_length; right: the end is cut, as the reference did).
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ class TaskConfig:
     test_splits: list = field(default_factory=lambda: ["test"])
     predict: dict = field(default_factory=lambda: {"mode": "generate", "num_beams": 1, "max_length": 20})
     score: dict = field(default_factory=dict)
+    submit: dict = field(default_factory=dict)  # {questions: test file, file: name}: a server's submission file
     subtitles: list = field(default_factory=list)  # video tasks: VALUE's subtitle files
     frames: Optional[int] = None  # video tasks: features resized to this many time steps (64)
     truncate: str = "context"  # video tasks: "context" (subtitles cut first) or "right" (the reference's cut)

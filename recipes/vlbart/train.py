@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation is the same in every process and run
     model, tokenizer = build_model(model_cfg)
     table = adapt(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     dataset = MultitaskDataset({name: task_dataset(t, tokenizer, "train", seed=train_cfg.seed)
                                 for name, t in tasks.items()})
 
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
         tokenizer.save_pretrained(out / "tokenizer")
         save_config(config, out / "config.yaml")
         summary = {"steps": result.global_step, "losses": result.losses, "skipped": dict(result.skipped),
-                   "method": method, "trainable": table}
+                   "method": method, "trainable": table, "trainable_parameters": trainable,
+                   "total_parameters": total}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
         print(f"done: {result.global_step} steps, final loss {result.losses[-1]:.4f}; skipped samples: {skipped}; "
