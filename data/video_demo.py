@@ -169,19 +169,25 @@ def _choices(answer: str, options: list[str], must: list[str], k: int, rng: rand
     return picked, picked.index(answer)
 
 
-def questions(scene: VideoScene, n_choices: int, rng: random.Random) -> list[tuple[str, list[str], int]]:
-    """(question, choices, answer index) x 4: direction, colour after, colour before, visibility."""
+QUESTION_KINDS = ("direction", "colour_after", "colour_before", "visibility")
+
+
+def questions(scene: VideoScene, n_choices: int, rng: random.Random,
+              kinds: tuple[str, ...] = QUESTION_KINDS) -> list[tuple[str, list[str], int]]:
+    """(question, choices, answer index) per kind: direction, colour after, colour before, visibility."""
     s = scene.shape
     colours = sorted(COLOURS)
-    out = [(f"Which way does the {s} move?",
-            *_choices(DIRECTION_ANSWERS[scene.direction], list(DIRECTION_ANSWERS.values()), [], n_choices, rng)),
-           (f"What colour does the {s} turn?",
-            *_choices(scene.colour_after, colours, [scene.colour_before], n_choices, rng)),
-           (f"What colour is the {s} before it changes colour?",
-            *_choices(scene.colour_before, colours, [scene.colour_after], n_choices, rng)),
-           (f"When can the {s} be seen?",
-            *_choices(VISIBILITY_ANSWERS[scene.visibility], list(VISIBILITY_ANSWERS.values()), [], n_choices, rng))]
-    return out
+    make = {
+        "direction": lambda: (f"Which way does the {s} move?", *_choices(
+            DIRECTION_ANSWERS[scene.direction], list(DIRECTION_ANSWERS.values()), [], n_choices, rng)),
+        "colour_after": lambda: (f"What colour does the {s} turn?", *_choices(
+            scene.colour_after, colours, [scene.colour_before], n_choices, rng)),
+        "colour_before": lambda: (f"What colour is the {s} before it changes colour?", *_choices(
+            scene.colour_before, colours, [scene.colour_after], n_choices, rng)),
+        "visibility": lambda: (f"When can the {s} be seen?", *_choices(
+            VISIBILITY_ANSWERS[scene.visibility], list(VISIBILITY_ANSWERS.values()), [], n_choices, rng)),
+    }
+    return [make[k]() for k in kinds]
 
 
 def captions(scene: VideoScene) -> list[str]:
@@ -226,9 +232,10 @@ def _vid_name(source: str, k: int, rng: random.Random) -> str:
 
 
 def write_video_demo(root: str | Path, n_train_videos: int = 40, n_test_videos: int = 10, seed: int = 0, *,
-                     size: int = 96, duration: float = 4.0, fps: int = 8) -> dict[str, Path]:
+                     size: int = 96, duration: float = 4.0, fps: int = 8,
+                     question_kinds: tuple[str, ...] = QUESTION_KINDS) -> dict[str, Path]:
     """Write the demo under `root` (see the module docstring): per source (tv, how2, yc2) `n_train_videos`
-    training and `n_test_videos` validation videos. Returns {name: path}."""
+    training and `n_test_videos` validation videos, with questions of `question_kinds`. Returns {name: path}."""
     root = Path(root)
     rng = random.Random(seed)
     ann = root / "ann"
@@ -255,7 +262,7 @@ def write_video_demo(root: str | Path, n_train_videos: int = 40, n_test_videos: 
                 if source in ("tv", "how2"):
                     task = "tvqa" if source == "tv" else "how2qa"
                     n_choices = 5 if source == "tv" else 4
-                    for q, choices, answer in questions(scene, n_choices, rng):
+                    for q, choices, answer in questions(scene, n_choices, rng, question_kinds):
                         r = {"vid_name": name, "ts": ts, "q": q, **{f"a{i}": c for i, c in enumerate(choices)},
                              "answer_idx": answer, "qid": qid}
                         if task == "tvqa":
