@@ -8,6 +8,11 @@ when the shape is not square): the median train-step time (forward + backward + 
 and of ours, each interleaved with PEFT LoRA in one process so that they share the machine's state; the eval-mode
 forward of PEFT LoRA, ours unmerged, ours merged and a plain Linear stack; and the peak memory of one train
 step, each method measured in a fresh process. Ratios are to PEFT LoRA (eval: merged is to plain Linear).
+
+Each configuration is measured without dropout and with dropout (0.05, the paper's LLaVA setting) in both of
+our modes: "exact" (the official / PEFT form, a second base GEMM) and "lora-branch" (one GEMM). In the dropout
+rows PEFT LoRA and PEFT DoRA use the same dropout (PEFT DoRA has the exact form only); eval-mode forwards have
+no dropout, so those rows leave the eval columns empty.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dora import apply_dora, merge_dora  # noqa: E402
+from dora.layer import DROPOUT_MODES  # noqa: E402
 
 LAYERS = 4
 TRAIN_METHODS = ("peft_lora", "peft_dora", "ours")
@@ -42,16 +48,18 @@ def stack(d_in: int, d_out: int, device, dtype) -> nn.Sequential:
     return nn.Sequential(*[nn.Linear(a, b, bias=False) for a, b in dims]).to(device=device, dtype=dtype)
 
 
-def build(method: str, d_in: int, d_out: int, rank: int, device, dtype) -> nn.Module:
+def build(method: str, d_in: int, d_out: int, rank: int, device, dtype, dropout: float = 0.0,
+          mode: str = "exact") -> nn.Module:
     model = stack(d_in, d_out, device, dtype)
     if method == "plain":
         return model
     if method.startswith("peft"):
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[str(i) for i in range(LAYERS)],
-                            use_dora=method == "peft_dora", lora_dropout=0.0)
+                            use_dora=method == "peft_dora", lora_dropout=dropout)
         return get_peft_model(model, config)
-    apply_dora(model, [{"match": r"\d+", "rank": rank, "alpha": 2 * rank}], verbose=False)
+    apply_dora(model, [{"match": r"\d+", "rank": rank, "alpha": 2 * rank, "dropout": dropout,
+                        "dropout_mode": mode}], verbose=False)
     with torch.no_grad():  # non-zero B, as after some training (PEFT's norm cost does not depend on it)
         for m in model:
             m.lora_B.normal_(0, 1e-3)
@@ -86,8 +94,9 @@ def sync(device):
 
 
 def time_interleaved(fns: dict, device, warmup: int, reps: int, budget_s: float = 0.0) -> dict:
-    """Median time per call; the methods take turns in every round (in rotating order), so that drifts of the
-    machine's speed touch all of them alike. With a budget, more rounds are run (up to 50) until it is spent."""
+    """Seconds per call of each method, one entry per round; the methods take turns in every round (in rotating
+    order), so that drifts of the machine's speed touch all of them alike. With a budget, more rounds are run (up
+    to 50) until it is spent."""
     slowest = 0.0
     for fn in fns.values():
         for _ in range(warmup):
@@ -109,7 +118,17 @@ def time_interleaved(fns: dict, device, warmup: int, reps: int, budget_s: float 
             fn()
             sync(device)
             times[k].append(time.perf_counter() - t)
+    return times
+
+
+def medians(times: dict) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def paired_ratio(times: dict, method: str, baseline: str) -> float:
+    """Median over rounds of method / baseline timed in the same round: a load spike on a shared machine touches
+    one round's pair, not the ratio of two medians taken at different moments."""
+    return statistics.median(a / b for a, b in zip(times[method], times[baseline]))
 
 
 def _rss_kb(field: str) -> int:
@@ -120,10 +139,10 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(field)
 
 
-def peak_memory_child(method, d_in, d_out, rank, tokens, device_name, dtype_name) -> float:
+def peak_memory_child(method, d_in, d_out, rank, tokens, device_name, dtype_name, dropout, mode) -> float:
     """Run in a fresh process: MB of peak memory one train step adds above the state before it."""
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
-    model = build(method, d_in, d_out, rank, device, dtype)
+    model = build(method, d_in, d_out, rank, device, dtype, dropout, mode)
     x = torch.randn(tokens, d_in, device=device, dtype=dtype)
     step = make_step(model, x)
     step()  # warm-up: optimizer state, caches
@@ -141,10 +160,11 @@ def peak_memory_child(method, d_in, d_out, rank, tokens, device_name, dtype_name
     return (_rss_kb("VmHWM") - before) / 1024
 
 
-def peak_memory(method, d_in, d_out, rank, tokens, device, dtype) -> float:
+def peak_memory(method, d_in, d_out, rank, tokens, device, dtype, dropout=0.0, mode="exact") -> float:
     # Big allocations are mmapped and unmapped on free, so RSS follows the live tensors on CPU.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    args = json.dumps([method, d_in, d_out, rank, tokens, str(device), str(dtype).replace("torch.", "")])
+    args = json.dumps([method, d_in, d_out, rank, tokens, str(device), str(dtype).replace("torch.", ""),
+                       dropout, mode])
     out = subprocess.run([sys.executable, __file__, "--memory-child", args], env=env, check=True,
                          capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -155,35 +175,68 @@ def run_config(d_in, d_out, rank, tokens, device, dtype, warmup, reps, budget_s,
     train = {m: make_step(build(m, d_in, d_out, rank, device, dtype), x) for m in TRAIN_METHODS}
     # Each DoRA is timed against LoRA in its own interleaved pair: PEFT DoRA's large temporaries would
     # otherwise leave a cold cache and a fragmented heap to whichever method runs after it.
-    t_train = time_interleaved({m: train[m] for m in ("peft_lora", "ours")}, device, warmup, reps, budget_s)
-    paired = time_interleaved({m: train[m] for m in ("peft_lora", "peft_dora")}, device, warmup, reps, budget_s)
-    t_train["peft_dora"] = paired["peft_dora"] * t_train["peft_lora"] / paired["peft_lora"]
+    ours = time_interleaved({m: train[m] for m in ("peft_lora", "ours")}, device, warmup, reps, budget_s)
+    peft = time_interleaved({m: train[m] for m in ("peft_lora", "peft_dora")}, device, warmup, reps, budget_s)
     del train
-    evals = {m: make_eval(build(m, d_in, d_out, rank, device, dtype), x) for m in EVAL_METHODS}
-    t_eval = time_interleaved(evals, device, warmup, reps, budget_s)
-    del evals
+    evals = time_interleaved({m: make_eval(build(m, d_in, d_out, rank, device, dtype), x) for m in EVAL_METHODS},
+                             device, warmup, reps, budget_s)
     mem = {m: peak_memory(m, d_in, d_out, rank, tokens, device, dtype) for m in TRAIN_METHODS} if measure_memory \
         else {}
-    return {"shape": f"{d_in}x{d_out}", "rank": rank, "tokens": tokens, "train_s": t_train, "eval_s": t_eval,
+    return {"shape": f"{d_in}x{d_out}", "rank": rank, "tokens": tokens, "dropout": 0.0, "dropout_mode": None,
+            "train_s": dict(medians(ours), peft_dora=medians(peft)["peft_dora"]),
+            "train_ratio": {"peft_dora": paired_ratio(peft, "peft_dora", "peft_lora"),
+                            "ours": paired_ratio(ours, "ours", "peft_lora")},
+            "eval_s": medians(evals),
+            "eval_ratio": {"ours": paired_ratio(evals, "ours", "peft_lora"),
+                           "ours_merged": paired_ratio(evals, "ours_merged", "plain")},
             "peak_mb": mem}
+
+
+def run_dropout_config(d_in, d_out, rank, tokens, dropout, device, dtype, warmup, reps, budget_s,
+                       measure_memory=True) -> list[dict]:
+    """Train steps with dropout: PEFT LoRA and PEFT DoRA with it, ours in each mode; one row per mode."""
+    x = torch.randn(tokens, d_in, device=device, dtype=dtype)
+    steps = {m: make_step(build(m, d_in, d_out, rank, device, dtype, dropout), x) for m in ("peft_lora", "peft_dora")}
+    steps.update({mode: make_step(build("ours", d_in, d_out, rank, device, dtype, dropout, mode), x)
+                  for mode in DROPOUT_MODES})
+    peft = time_interleaved({m: steps[m] for m in ("peft_lora", "peft_dora")}, device, warmup, reps, budget_s)
+    rows = []
+    for mode in DROPOUT_MODES:
+        ours = time_interleaved({"peft_lora": steps["peft_lora"], "ours": steps[mode]}, device, warmup, reps,
+                                budget_s)
+        rows.append({"shape": f"{d_in}x{d_out}", "rank": rank, "tokens": tokens, "dropout": dropout,
+                     "dropout_mode": mode, "train_s": dict(medians(ours), peft_dora=medians(peft)["peft_dora"]),
+                     "train_ratio": {"peft_dora": paired_ratio(peft, "peft_dora", "peft_lora"),
+                                     "ours": paired_ratio(ours, "ours", "peft_lora")},
+                     "eval_s": {}, "eval_ratio": {}, "peak_mb": {}})
+    del steps
+    if measure_memory:
+        common = {m: peak_memory(m, d_in, d_out, rank, tokens, device, dtype, dropout)
+                  for m in ("peft_lora", "peft_dora")}
+        for row in rows:
+            row["peak_mb"] = dict(common, ours=peak_memory("ours", d_in, d_out, rank, tokens, device, dtype, dropout,
+                                                           row["dropout_mode"]))
+    return rows
 
 
 def print_table(rows, device, dtype) -> None:
     print(f"\nDoRA layer benchmark: {LAYERS} stacked layers, {device.type} {str(dtype).replace('torch.', '')}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("train = forward + backward + AdamW step, median; ratios are to PEFT LoRA timed in the same interleaved run;"
+    print("train = forward + backward + AdamW step; LoRA s = median seconds of PEFT LoRA; ratios = median over rounds "
+          "of\nthe method's time / PEFT LoRA's in the same round of an interleaved run (eval merged: / plain Linear);"
           "\nmemory = peak extra MB of one train step, each method in a fresh process")
-    head = (f"{'shape':>10} {'rank':>5} {'tokens':>6} | {'LoRA s':>7} {'PEFT DoRA':>9} {'ours':>6} | "
+    head = (f"{'shape':>10} {'rank':>5} {'tokens':>6} {'dropout':>19} | {'LoRA s':>7} {'PEFT DoRA':>9} {'ours':>6} | "
             f"{'eval ours':>9} {'merged/plain':>12} | {'mem LoRA':>8} {'PEFT DoRA':>9} {'ours':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        t, e, m = r["train_s"], r["eval_s"], r["peak_mb"]
+        t, e, m = r["train_ratio"], r["eval_ratio"], r["peak_mb"]
+        dropout = f"{r['dropout']:g} {r['dropout_mode']}" if r["dropout"] else "0"
         mem = (f"{m['peft_lora']:>8.0f} {m['peft_dora'] / m['peft_lora']:>9.2f} {m['ours'] / m['peft_lora']:>6.2f}"
                if m else f"{'-':>8} {'-':>9} {'-':>6}")
-        print(f"{r['shape']:>10} {r['rank']:>5} {r['tokens']:>6} | {t['peft_lora']:>7.3f} "
-              f"{t['peft_dora'] / t['peft_lora']:>9.2f} {t['ours'] / t['peft_lora']:>6.2f} | "
-              f"{e['ours'] / e['peft_lora']:>9.2f} {e['ours_merged'] / e['plain']:>12.2f} | {mem}")
+        ev = f"{e['ours']:>9.2f} {e['ours_merged']:>12.2f}" if e else f"{'-':>9} {'-':>12}"
+        print(f"{r['shape']:>10} {r['rank']:>5} {r['tokens']:>6} {dropout:>19} | {r['train_s']['peft_lora']:>7.3f} "
+              f"{t['peft_dora']:>9.2f} {t['ours']:>6.2f} | {ev} | {mem}")
 
 
 def main():
@@ -194,6 +247,7 @@ def main():
                         help="seconds of timed rounds per configuration and phase (more rounds for fast ones)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--dropout", type=float, default=0.05, help="the dropout rows' probability (0: no such rows)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,6 +268,9 @@ def main():
         print(f"measuring {d_in}x{d_out} rank {rank} tokens {tokens} ...", file=sys.stderr, flush=True)
         rows.append(run_config(d_in, d_out, rank, tokens, device, dtype, args.warmup, args.reps, args.budget,
                                measure_memory=not args.no_memory))
+        if args.dropout:
+            rows += run_dropout_config(d_in, d_out, rank, tokens, args.dropout, device, dtype, args.warmup,
+                                       args.reps, args.budget, measure_memory=not args.no_memory)
     print_table(rows, device, dtype)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

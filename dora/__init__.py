@@ -29,6 +29,7 @@ from .targeting import (
     apply_dora,
     dora_modules,
     get_spec,
+    invalidate_norm_caches,
     merge_dora,
     train_fully_parameters,
     unload_dora,
@@ -38,7 +39,7 @@ from .targeting import (
 __all__ = [
     "AdapterError", "DecompositionDelta", "DoRALinear", "DoRAReport", "DoRARule", "DoRASpec", "TargetingError",
     "adapter_state_dict", "apply_dora", "decomposition_delta", "dora_decomposition_delta", "dora_modules",
-    "export_peft", "factored_row_norm", "get_spec", "import_peft", "load_adapter", "merge_dora",
-    "model_decomposition_deltas", "read_adapter_config", "save_adapter", "squared_row_norm",
+    "export_peft", "factored_row_norm", "get_spec", "import_peft", "invalidate_norm_caches", "load_adapter",
+    "merge_dora", "model_decomposition_deltas", "read_adapter_config", "save_adapter", "squared_row_norm",
     "train_fully_parameters", "unload_dora", "unmerge_dora",
 ]

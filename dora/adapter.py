@@ -3,7 +3,10 @@
 Our format, a directory with
     dora_config.json          the rules and train_fully patterns, every adapted module's settings
     dora_adapter.safetensors  {module}.lora_A / .lora_B / .magnitude, and every train_fully parameter
-Files are written to a temporary name and renamed, so a crash never leaves a half-written adapter.
+Both files are written in full under temporary names and then renamed, and both carry the same save id
+(format_version 2): a crash never leaves a half-written file, and a crash between the two renames (new
+tensors, old config) is refused on load instead of mixing two saves. Adapters of format_version 1 (no save id)
+still load.
 
 PEFT's format (`export_peft` / `import_peft`): adapter_config.json + adapter_model.safetensors, readable by
 `peft.PeftModel.from_pretrained(base, dir)` with use_dora. Magnitude-only modules are exported as rank-1 DoRA
@@ -15,12 +18,15 @@ import json
 import os
 import re
 import tempfile
+import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .layer import DoRALinear
@@ -29,10 +35,11 @@ from .targeting import DoRARule, DoRASpec, apply_dora, dora_modules, get_spec, t
 CONFIG_NAME = "dora_config.json"
 WEIGHTS_NAME = "dora_adapter.safetensors"
 FORMAT = "dora-vl-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the two files carry the same save id
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+SAVE_ID_KEY = "dora_save_id"  # in the tensor file's safetensors metadata
 
 PathLike = Union[str, os.PathLike]
 
@@ -41,30 +48,45 @@ class AdapterError(ValueError):
     """An adapter directory that does not fit the model, or is not an adapter of the expected kind."""
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_temp(path: Path, write) -> str:
+    """Write a file under a temporary name beside `path`; returns that name (removed again on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
 
 
-def _write_json(path: Path, data) -> None:
+def _write_files(files: Mapping[Path, object]) -> None:
+    """Write every file under a temporary name first, then rename them in order: a crash while writing leaves
+    the old files as they were, and the renames themselves take no time to speak of."""
+    written: dict[Path, str] = {}
+    try:
+        for path, write in files.items():
+            written[path] = _write_temp(path, write)
+        for path in files:
+            os.replace(written[path], path)
+            del written[path]
+    finally:
+        for tmp in written.values():
+            os.unlink(tmp)
+
+
+def _json_writer(data):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
-    _write_atomic(path, write)
+    return write
 
 
-def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+def _tensors_writer(tensors: Mapping[str, torch.Tensor], metadata: Optional[dict] = None):
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
+    return lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
 
 
 def _module_settings(module: DoRALinear) -> dict:
@@ -103,8 +125,11 @@ def save_adapter(model: nn.Module, path: PathLike, metadata: Optional[dict] = No
         "train_fully_parameters": sorted(train_fully_parameters(model)),
         "metadata": metadata or {},
     }
-    _write_tensors(path / WEIGHTS_NAME, state)
-    _write_json(path / CONFIG_NAME, config)
+    save_id = uuid.uuid4().hex
+    config["save_id"] = save_id
+    # The tensors are renamed into place first and the config last; the shared save id tells a pair apart.
+    _write_files({path / WEIGHTS_NAME: _tensors_writer(state, {SAVE_ID_KEY: save_id}),
+                  path / CONFIG_NAME: _json_writer(config)})
     return path
 
 
@@ -123,15 +148,34 @@ def read_adapter_config(path: PathLike) -> dict:
     return config
 
 
+def _check_same_save(path: Path, config: dict) -> None:
+    save_id = config.get("save_id")
+    if save_id is None:  # format_version 1
+        return
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{weights} not found")
+    with safe_open(str(weights), framework="pt") as f:
+        found = (f.metadata() or {}).get(SAVE_ID_KEY)
+    if found is None:
+        raise AdapterError(f"{weights} carries no save id (rewritten by another tool?) but {CONFIG_NAME} expects "
+                           f"{save_id}: keep the file's metadata when rewriting it, or save the adapter again")
+    if found != save_id:
+        raise AdapterError(f"{path}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves (save id "
+                           f"{save_id} and {found}); a save was probably interrupted: save the adapter again")
+
+
 def load_adapter(model: nn.Module, path: PathLike, *, verbose: bool = False) -> nn.Module:
     """Load an adapter written by save_adapter into `model`.
 
-    A model without DoRA modules is adapted first with the saved rules; a model that already has them must
-    have the same modules with the same ranks. Every tensor in the file must find its parameter (same name,
-    same shape) and every adapter parameter of the model must be in the file.
+    A model without DoRA modules is adapted first with the saved rules (the new layers take the mode, training
+    or eval, of the layers they replace); a model that already has them must have the same modules with the
+    same ranks and scales. Every tensor in the file must find its parameter (same name, same shape) and every
+    adapter parameter of the model must be in the file.
     """
     path = Path(path)
     config = read_adapter_config(path)
+    _check_same_save(path, config)
     spec = DoRASpec.from_dict(config["spec"])
     if not dora_modules(model):
         apply_dora(model, spec.rules, spec.train_fully, verbose=verbose)
@@ -177,16 +221,47 @@ def _copy_into(params: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.T
 
 
 # ------------------------------------------------------------------------------------------------- PEFT
+# How PEFT (0.21) reads a config, and what export_peft writes so that each entry selects exactly one module:
+# - target_modules: a list entry matches a module whose name equals it or ends with "." + entry (so "0" also
+#   selects "1.0"); a string is a regex that must match the whole name. We write one full-match regex.
+# - rank_pattern / alpha_pattern: key k applies to name n when re.match(rf"(.*\.)?({k})$", n). We write
+#   "^" + re.escape(name): the "^" leaves the optional prefix nothing to match.
+# - modules_to_save: entry t wraps every module whose name ends with t (no dot boundary), and keeps every
+#   module matching (^|.*\.)t($|\..*) (t taken as a regex) from being adapted. Neither can be escaped, so we
+#   list a module only where both rules select it alone.
+
+
+def _exact_peft_pattern_key(name: str) -> str:
+    return "^" + re.escape(name)
+
+
+def _full_match_regex(names) -> str:
+    return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def _peft_modules_to_save_selects_only(name: str, module_names, adapted) -> bool:
+    if any(other != name and other.endswith(name) for other in module_names):
+        return False
+    try:
+        excludes = re.compile(rf"(^|.*\.){name}($|\..*)")
+    except re.error:
+        return False
+    return not any(excludes.match(a) for a in adapted)
+
+
 def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optional[str] = None,
                 state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
     """Write the adapter in PEFT's LoRA format with use_dora=True.
 
-    Ranks and scales per module go into rank_pattern / alpha_pattern (alpha written as scaling * rank, so
-    rsLoRA modules load with the right scale). Fully trained modules become modules_to_save; other fully
-    trained parameters (biases of frozen layers) are written under their base-model names, which PEFT loads
-    into the base model. Training-only settings (detach_norm, dropout_mode) have no PEFT equivalent; PEFT
-    always detaches the norm and uses the exact dropout form. `state_dict` (names as adapter_state_dict gives
-    them) overrides the tensors read from the model.
+    Every module is named exactly: `target_modules` is one regex that PEFT matches against whole module names,
+    and per-module ranks and scales go into rank_pattern / alpha_pattern under keys that match one module each
+    (alpha written as scaling * rank, so rsLoRA modules load with the right scale). Fully trained modules become
+    modules_to_save where PEFT's suffix rule selects them alone; their parameters, and other fully trained
+    parameters (biases of frozen layers), are written under their base-model names, which PEFT loads into the
+    base model. PEFT has one lora_dropout for all modules: differing dropouts are written as the most common one,
+    with a warning. Training-only settings (detach_norm, dropout_mode) have no PEFT equivalent; PEFT always
+    detaches the norm and uses the exact dropout form. `state_dict` (names as adapter_state_dict gives them)
+    overrides the tensors read from the model.
     """
     path = Path(path)
     modules = dora_modules(model)
@@ -212,12 +287,15 @@ def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optio
         tensors[f"{key}.lora_magnitude_vector"] = magnitude
 
     fully = train_fully_parameters(model)
+    module_names = [n for n, _ in model.named_modules() if n]
     modules_to_save = []
     for mod_name, mod in model.named_modules():
         if not mod_name or isinstance(mod, DoRALinear) or dora_modules(mod):
             continue
         names = [f"{mod_name}.{n}" for n, _ in mod.named_parameters()]
-        if names and all(n in fully for n in names) and not any(mod_name.startswith(s + ".") for s in modules_to_save):
+        if (names and all(n in fully for n in names)
+                and not any(mod_name.startswith(s + ".") for s in modules_to_save)
+                and _peft_modules_to_save_selects_only(mod_name, module_names, modules)):
             modules_to_save.append(mod_name)
     for name in fully:
         owner, _, leaf = name.rpartition(".")
@@ -226,17 +304,23 @@ def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optio
 
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
+    dropouts = Counter(m.dropout for m in modules.values())
+    dropout = dropouts.most_common(1)[0][0]
+    if len(dropouts) > 1:
+        warnings.warn(f"export_peft: PEFT has one lora_dropout for all modules; writing {dropout}, while "
+                      f"{sum(n for d, n in dropouts.items() if d != dropout)} module(s) train with another "
+                      f"dropout ({sorted(d for d in dropouts if d != dropout)})", stacklevel=2)
     config = {
         "peft_type": "LORA",
         "use_dora": True,
         "r": r,
         "lora_alpha": alpha,
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
+        "rank_pattern": {_exact_peft_pattern_key(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {_exact_peft_pattern_key(n): v for n, v in alphas.items() if v != alpha},
         "use_rslora": False,
-        "target_modules": sorted(modules),
+        "target_modules": _full_match_regex(modules),
         "modules_to_save": modules_to_save or None,
-        "lora_dropout": max((m.dropout for m in modules.values()), default=0.0),
+        "lora_dropout": dropout,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -244,13 +328,12 @@ def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optio
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
     }
-    _write_tensors(path / PEFT_WEIGHTS_NAME, tensors)
-    _write_json(path / PEFT_CONFIG_NAME, config)
+    _write_files({path / PEFT_WEIGHTS_NAME: _tensors_writer(tensors), path / PEFT_CONFIG_NAME: _json_writer(config)})
     return path
 
 
 def _peft_pattern_value(patterns: Mapping[str, float], name: str, default):
-    # PEFT's rule: a pattern applies when re.match(rf"(.*\.)?({pattern})$", module_name).
+    # PEFT's rule (peft.utils.other.get_pattern_key): the first key k with re.match(rf"(.*\.)?({k})$", name).
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", name):
             return value
@@ -258,7 +341,13 @@ def _peft_pattern_value(patterns: Mapping[str, float], name: str, default):
 
 
 def import_peft(model: nn.Module, path: PathLike, *, verbose: bool = False) -> nn.Module:
-    """Adapt `model` (without DoRA modules) with a PEFT DoRA adapter directory and load its tensors."""
+    """Adapt `model` (without DoRA modules) with a PEFT DoRA adapter directory and load its tensors.
+
+    Modules, ranks, scales (lora_alpha / alpha_pattern, use_rslora) and lora_dropout are read as PEFT reads
+    them; the new layers take the mode (training or eval) of the layers they replace. Other tensors in the file
+    (modules_to_save, biases) are trained fully; `{module}.base_layer.{name}` of an adapted module is its own
+    parameter `{module}.{name}`.
+    """
     path = Path(path)
     config_file = path / PEFT_CONFIG_NAME
     if not config_file.is_file():
@@ -280,7 +369,7 @@ def import_peft(model: nn.Module, path: PathLike, *, verbose: bool = False) -> n
 
     # Split PEFT keys into adapter tensors per module and fully trained base-model parameters.
     adapter: dict[str, dict[str, torch.Tensor]] = {}
-    others: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
     for key, t in raw.items():
         if not key.startswith(PEFT_PREFIX):
             raise AdapterError(f"{weights}: unexpected key {key!r} (expected the {PEFT_PREFIX!r} prefix)")
@@ -290,10 +379,21 @@ def import_peft(model: nn.Module, path: PathLike, *, verbose: bool = False) -> n
             part = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}.get(m.group(2), "magnitude")
             adapter.setdefault(m.group(1), {})[part] = t
         else:
-            others[name.replace(".base_layer.", ".")] = t
+            rest[name] = t
     incomplete = [n for n, parts in adapter.items() if set(parts) != {"lora_A", "lora_B", "magnitude"}]
     if incomplete:
         raise AdapterError(f"{weights}: modules {incomplete[:5]} lack one of lora_A, lora_B, lora_magnitude_vector")
+    others: dict[str, torch.Tensor] = {}
+    for name, t in rest.items():
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(".base_layer") and owner[: -len(".base_layer")] in adapter:
+            name = f"{owner[: -len('.base_layer')]}.{leaf}"  # PEFT's name for the adapted layer's own parameter
+        others[name] = t
+    known = {n for n, _ in model.named_parameters()}
+    unknown = sorted(set(others) - known)
+    if unknown:
+        raise AdapterError(f"{weights}: tensors {unknown[:5]} are neither adapter tensors nor parameters of "
+                           f"{type(model).__name__}")
 
     rslora = bool(config.get("use_rslora"))
     groups: dict[tuple, list[str]] = {}

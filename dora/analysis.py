@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .layer import DoRALinear, factored_row_norm, squared_row_norm
+from .layer import _CHUNK_ELEMENTS, DoRALinear
 
 
 @dataclass(frozen=True)
@@ -33,23 +33,40 @@ def decomposition_delta(weight: torch.Tensor, base_weight: torch.Tensor) -> Deco
 def dora_decomposition_delta(module: DoRALinear) -> DecompositionDelta:
     """delta_M and delta_D of an unmerged DoRA layer against its frozen W0, from factors (no out x in matrix).
 
-    The adapted weight's row magnitude is m; its direction is that of W0 + sBA, and
-    cos(W0_i + s B_i A, W0_i) = (||W0_i||^2 + s B_i.(A W0_i^T)) / (||W0_i|| ||W0_i + s B_i A||).
+    The adapted weight's row magnitude is m; its direction is that of W0_i + D_i with D_i = s B_i A. With
+    c = W0_i.D_i and q = ||D_i||^2 (both from factors):
+        1 - cos = (||W0_i||^2 q - c^2) / (n0 n (n0 n + dot)),  dot = ||W0_i||^2 + c,  n = ||W0_i + D_i||,
+    which equals 1 - dot / (n0 n) without its cancellation, so that small updates keep their digits. Everything
+    is computed in float64, W0 upcast in bounded row chunks, whatever the layer's dtype.
     """
     if module.merged:
         raise ValueError("unmerge the module first: the analysis needs W0")
     w = module.weight
-    w2 = squared_row_norm(w).double()
-    norm0 = w2.sqrt()
-    norm = factored_row_norm(w, module.lora_A, module.lora_B, module.scaling).double()
-    dot = w2.clone()
-    if module.lora_A is not None:
-        cross = (w @ module.lora_A.to(w.dtype).t()).double()
-        dot += module.scaling * (module.lora_B.double() * cross).sum(dim=1)
-    tiny = torch.finfo(torch.float64).tiny
-    cos = dot / (norm0 * norm).clamp_min(tiny)
-    magnitude = module.magnitude.double()
-    return DecompositionDelta((magnitude - norm0).abs().mean().item(), (1 - cos).mean().item())
+    rows = max(1, _CHUNK_ELEMENTS // w.shape[1])
+    f64 = torch.float64
+    w2, cross = [], []
+    for chunk in w.split(rows):
+        chunk = chunk.to(f64)
+        w2.append(torch.linalg.vecdot(chunk, chunk))
+        if module.lora_A is not None:
+            cross.append(chunk @ module.lora_A.to(f64).t())  # (rows, r)
+    w2 = torch.cat(w2)
+    if module.lora_A is None:
+        c = q = torch.zeros_like(w2)
+    else:
+        s = module.scaling
+        B, A = module.lora_B.to(f64), module.lora_A.to(f64)
+        c = s * torch.linalg.vecdot(B, torch.cat(cross))
+        q = s * s * torch.linalg.vecdot(B, B @ (A @ A.t()))
+    n0 = w2.sqrt()
+    n = (w2 + 2 * c + q).clamp_min(0).sqrt()
+    dot = w2 + c
+    tiny = torch.finfo(f64).tiny
+    direct = 1 - dot / (n0 * n).clamp_min(tiny)
+    stable = (w2 * q - c * c).clamp_min(0) / (n0 * n * (n0 * n + dot)).clamp_min(tiny)
+    one_minus_cos = torch.where(dot > 0, stable, direct)
+    magnitude = module.magnitude.to(f64)
+    return DecompositionDelta((magnitude - n0).abs().mean().item(), one_minus_cos.mean().item())
 
 
 def model_decomposition_deltas(model: nn.Module) -> dict[str, DecompositionDelta]:

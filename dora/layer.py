@@ -10,16 +10,19 @@ What this implementation does differently from PEFT / torchtune / the official c
   ||W0||^2 is cached (W0 is frozen), the cross term costs one (out x in x r) GEMM, the Gram term is r x r.
 - With the paper's detached norm (section 4.3) the norm is a constant of the parameters, so it is computed
   once per optimizer step and reused by gradient-accumulation micro-steps and activation-checkpoint
-  recomputation.
-- The scaled output is produced by one autograd Function that keeps no extra copy of the output for the
-  magnitude gradient: it saves its own output y and recovers the unscaled output as (y - b) / g.
-- g - 1 is applied in the compute dtype, so bf16/fp16 weights keep small magnitude changes (bf16 cannot
-  represent 1 + 1e-3, but represents 1e-3 fine).
+  recomputation (see `DoRALinear` for when the cache is refreshed).
+- The whole layer is one autograd Function, also with dropout in either mode. For the magnitude gradient it
+  keeps the unbiased output u = g * (W0 + sBA) x (no dropout, lora-branch) or the adapted output of the dropped
+  input (W0 + sBA) drop(x) (exact dropout): one output-sized tensor, none when a layer without bias and without
+  dropout returns u itself.
+- g - 1, not g, multiplies the output, in the compute dtype: bf16 cannot represent g = 1.003 (it rounds to
+  1.0) but represents 0.003, so small magnitude changes survive bf16/fp16 weights.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+import weakref
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,7 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 DROPOUT_MODES = ("exact", "lora-branch")
 
 # Bumped after every optimizer step in this process (any torch.optim.Optimizer, including the ones inside
-# DeepSpeed). Part of the norm-cache key: DeepSpeed writes updated weights through `.data`, which does not
+# DeepSpeed). Part of every cache key: DeepSpeed writes updated weights through `.data`, which does not
 # bump a tensor's version counter, so versions alone cannot tell that an optimizer step happened.
 _optimizer_steps = 0
 
@@ -86,80 +89,174 @@ def factored_row_norm(
     return n2.clamp_min(tiny).sqrt()
 
 
-def _scaled_output(x, x_lora, weight, bias, lora_A, lora_B, gm1, scaling):
-    """y = (1 + gm1) * (x W^T + s (x_lora A^T) B^T) (+ b, in place), with one allocation of y; returns (y, xa)."""
+class _NormCache:
+    """One cached tensor and what it was computed from.
+
+    It is valid while every source is still the same tensor object (held weakly: a parameter that was replaced
+    is neither kept alive nor mistaken for its successor, whose version counter may well be equal) with the same
+    version counter, and the stamp (optimizer steps, inference mode, ...) is unchanged. Copies and pickles of
+    a cache are empty, so a deep-copied or unpickled layer computes its own.
+    """
+
+    __slots__ = ("value", "_sources", "_stamp")
+
+    def __init__(self):
+        self.clear()
+
+    def __reduce__(self):
+        return (_NormCache, ())
+
+    def clear(self) -> None:
+        self.value = None
+        self._sources = ()
+        self._stamp = None
+
+    def get(self, sources: Sequence[torch.Tensor], stamp: tuple) -> Optional[torch.Tensor]:
+        if self.value is None or stamp != self._stamp or len(sources) != len(self._sources):
+            return None
+        for (ref, version), t in zip(self._sources, sources):
+            if ref() is not t or t._version != version:
+                return None
+        return self.value
+
+    def put(self, value: torch.Tensor, sources: Sequence[torch.Tensor], stamp: tuple) -> torch.Tensor:
+        self.value = value
+        self._sources = tuple((weakref.ref(t), t._version) for t in sources)
+        self._stamp = stamp
+        return value
+
+
+def _add_low_rank(out: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    """out += s * xa B^T, in place, for any number of leading dimensions."""
+    out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), lora_B.t(), alpha=scaling)
+
+
+def _dropped(x: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor:
+    """dropout(x) for a given keep mask (bool, x's shape) and keep probability: x * mask / keep."""
+    return torch.mul(x, mask).mul_(1.0 / keep)
+
+
+def _scaled_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling):
+    """y = (1 + gm1) * (x W^T + s (x_drop A^T) B^T) (+ b, in place), with one allocation of y; x_drop is the
+    adapter's input (dropout(x) in the lora-branch mode), None for x itself. Returns (y, xa)."""
     y = F.linear(x, weight)
     xa = None
     if lora_A is not None:
-        xa = F.linear(x if x_lora is None else x_lora, lora_A)
-        y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), lora_B.t(), alpha=scaling)
+        xa = F.linear(x if x_drop is None else x_drop, lora_A)
+        _add_low_rank(y, xa, lora_B, scaling)
     y.addcmul_(y, gm1)
     if bias is not None:
         y.add_(bias)
     return y, xa
 
 
-class _DoRAScaledLinear(torch.autograd.Function):
-    """y = u + b with u = g * (x W^T + s * (x_lora A^T) B^T), g an fp32 (out,) vector; x_lora is dropout(x),
-    or None for x itself.
+def _exact_dropout_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling):
+    """The official / PEFT dropout form y = W0 x + (g-1) W0 x~ + g s B A x~ + b, x~ = dropout(x), computed as
+    y = W0 x + s B A x~ + (g-1) h + b with h = (W0 + sBA) x~: two base GEMMs, g - 1 (not g) multiplies.
+    Returns (y, xa, h); h is what the magnitude gradient needs (dL/dg = sum dL/dy * h)."""
+    y = F.linear(x, weight)
+    h = F.linear(x_drop, weight)
+    xa = None
+    if lora_A is not None:
+        xa = F.linear(x_drop, lora_A)
+        _add_low_rank(h, xa, lora_B, scaling)
+        _add_low_rank(y, xa, lora_B, scaling)
+    y.addcmul_(h, gm1)
+    if bias is not None:
+        y.add_(bias)
+    return y, xa, h
 
-    One node for the whole layer, so that its input gradient is one tensor (g dL/dy W + s (g dL/dy B) A,
-    accumulated in place) and nothing is saved twice. The magnitude gradient needs u (sum_t dL/dy * u / g). A layer
-    without bias returns u itself and saves it: no extra memory when the next op keeps its input anyway (a linear
-    layer, attention's v, SwiGLU's gate and up). With a bias, or with `inplace_safe`, the output is a separate
-    tensor and u is kept: one output-sized tensor, exact in bf16 (u recovered as y - b would lose the digits that
-    a large bias takes), and the output may be modified in place.
+
+class _DoRAScaledLinear(torch.autograd.Function):
+    """The whole DoRA layer as one autograd node, dropout included; g an fp32 (out,) vector (m / norm).
+
+    Without dropout (mask None), or with dropout in the lora-branch mode (x~ = x * mask / keep):
+        y = u + b,  u = g * (x W^T + s (x~ A^T) B^T)
+    With dropout in the exact mode (`exact_dropout`):
+        y = x W^T + s (x~ A^T) B^T + (g - 1) * h + b,  h = x~ W^T + s (x~ A^T) B^T
+
+    Saved for backward: x (not x~, which is recomputed from x and the bool mask: x is often kept anyway, as the
+    previous DoRA layer's u), the mask, x~ A^T, and for the magnitude gradient u (sum_t dL/dy * u / g) or h
+    (sum_t dL/dy * h). A layer without bias and without exact dropout returns u itself and saves it: no extra
+    memory when the next op keeps its input anyway (a linear layer, attention's v, SwiGLU's gate and up, the next
+    DoRA layer). With a bias, or with `inplace_safe`, the output is a separate tensor and u is kept: one
+    output-sized tensor, exact in bf16 (u recovered as y - b would lose the digits that a large bias takes), and
+    the output may be modified in place. Exact dropout keeps h. The input gradient is one tensor accumulated in
+    place (the dropout's mask applied on the way); the exact form needs a second base GEMM in backward too
+    ((g - 1) dL/dy W for x~ besides dL/dy W for x).
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, g, scaling, inplace_safe):
+    def forward(ctx, x, mask, weight, bias, lora_A, lora_B, g, scaling, keep, exact_dropout, inplace_safe):
         gm1 = (g - 1.0).to(x.dtype)
-        u, xa = _scaled_output(x, x_lora, weight, None, lora_A, lora_B, gm1, scaling)
-        if bias is not None:
-            y = torch.add(u, bias)
-        elif inplace_safe:
-            y = u.clone()
+        x_drop = None if mask is None else _dropped(x, mask, keep)
+        if exact_dropout:
+            y, xa, kept = _exact_dropout_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling)
         else:
-            y = u
-        ctx.scaling = scaling
-        ctx.save_for_backward(x if x_lora is None else x_lora, xa, weight, lora_A, lora_B, g, gm1,
-                              u if ctx.needs_input_grad[6] else None)
+            kept, xa = _scaled_output(x, x_drop, weight, None, lora_A, lora_B, gm1, scaling)
+            if bias is not None:
+                y = torch.add(kept, bias)
+            elif inplace_safe:
+                y = kept.clone()
+            else:
+                y = kept
+        ctx.scaling, ctx.keep, ctx.exact_dropout = scaling, keep, exact_dropout
+        ctx.save_for_backward(x, mask, xa, weight, lora_A, lora_B, g, gm1, kept if ctx.needs_input_grad[6] else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_in, xa, weight, lora_A, lora_B, g, gm1, u = ctx.saved_tensors
-        s = ctx.scaling
+        if torch.is_grad_enabled():
+            raise RuntimeError("DoRALinear does not support double backward (create_graph=True): its backward "
+                               "is not differentiable")
+        x, mask, xa, weight, lora_A, lora_B, g, gm1, kept = ctx.saved_tensors
+        s, keep = ctx.scaling, ctx.keep
         out = weight.shape[0]
-        need_x, need_x_lora, _, need_b, need_A, need_B, need_g, _, _ = ctx.needs_input_grad
+        need_x, _, _, need_b, need_A, need_B, need_g = ctx.needs_input_grad[:7]
         acc = g.dtype  # fp32 (fp64 for fp64 weights)
         grad_y = grad_y.contiguous()  # e.g. when the output was used transposed
 
-        grad_b = grad_y.view(-1, out).sum(dim=0, dtype=acc) if need_b else None
+        grad_b = grad_y.view(-1, out).sum(dim=0, dtype=acc).to(weight.dtype) if need_b else None
         grad_g = buffer = None
         if need_g:
-            buffer = torch.mul(grad_y, u)
-            # A row with g == 0 (magnitude exactly 0) has u = 0, so its gradient is 0: exact when W0's row is
-            # zero too, which is how such rows arise (m starts at ||W0 row|| = 0).
-            grad_g = buffer.view(-1, out).sum(dim=0, dtype=acc) / torch.where(g == 0, 1.0, g)
-        grad_h = torch.addcmul(grad_y, grad_y, gm1, out=buffer)  # dL/dh = g * dL/dy, in the same buffer
+            buffer = torch.mul(grad_y, kept)
+            grad_g = buffer.view(-1, out).sum(dim=0, dtype=acc)
+            if not ctx.exact_dropout:
+                # u = g * (...): divide by g. A row with g == 0 (magnitude exactly 0) has u = 0, so its gradient
+                # is 0: exact when W0's row is zero too, which is how such rows arise (m starts at ||W0 row|| = 0).
+                grad_g /= torch.where(g == 0, 1.0, g)
         # Gradients keep the inputs' N-d shapes (matmul, not a view of mm): autograd accumulates a view
         # out of place, which would cost one more copy of the input gradient.
-        grad_x = torch.matmul(grad_h, weight) if need_x else None
-        grad_x_lora = grad_A = grad_B = None
+        grad_x = grad_x_drop = None  # dL/dx through W0 x, and dL/dx~ (the dropped input's path)
+        if ctx.exact_dropout:
+            grad_x = torch.matmul(grad_y, weight) if need_x else None
+            grad_h = torch.mul(grad_y, gm1, out=buffer)  # (g - 1) dL/dy, in the same buffer
+            if need_x:
+                grad_x_drop = torch.matmul(grad_h, weight)
+            if lora_A is not None:
+                grad_h.add_(grad_y)  # g * dL/dy: the adapter's path
+        else:
+            grad_h = torch.addcmul(grad_y, grad_y, gm1, out=buffer)  # g * dL/dy, in the same buffer
+            grad_x = torch.matmul(grad_h, weight) if need_x else None
+        grad_A = grad_B = None
         if lora_A is not None:
             gh2 = grad_h.view(-1, out)
             if need_B:
                 grad_B = (gh2.t() @ xa.view(-1, xa.shape[-1])).mul_(s)
             grad_xa = torch.matmul(grad_h, lora_B * s)  # (..., r)
+            grad_xa2 = grad_xa.view(-1, grad_xa.shape[-1])
             if need_A:
-                grad_A = grad_xa.view(-1, grad_xa.shape[-1]).t() @ x_in.reshape(-1, x_in.shape[-1])
-            if need_x_lora:
-                grad_x_lora = torch.matmul(grad_xa, lora_A)
+                x_in = x if mask is None else _dropped(x, mask, keep)
+                grad_A = grad_xa2.t() @ x_in.reshape(-1, x_in.shape[-1])
+            if need_x and mask is None:
+                grad_x.view(-1, grad_x.shape[-1]).addmm_(grad_xa2, lora_A)
+            elif need_x and grad_x_drop is None:
+                grad_x_drop = torch.matmul(grad_xa, lora_A)
             elif need_x:
-                grad_x.view(-1, grad_x.shape[-1]).addmm_(grad_xa.view(-1, grad_xa.shape[-1]), lora_A)
-        grad_b = grad_b.to(weight.dtype) if need_b else None
-        return grad_x, grad_x_lora, None, grad_b, grad_A, grad_B, grad_g, None, None
+                grad_x_drop.view(-1, grad_x_drop.shape[-1]).addmm_(grad_xa2, lora_A)
+        if grad_x_drop is not None:
+            grad_x.addcmul_(grad_x_drop, mask, value=1.0 / keep)  # dropout's backward, accumulated in place
+        return grad_x, None, None, grad_b, grad_A, grad_B, grad_g, None, None, None, None
 
 
 class DoRALinear(nn.Module):
@@ -170,16 +267,30 @@ class DoRALinear(nn.Module):
 
     Args:
         rank, alpha: LoRA rank r and alpha; the scale is alpha / r (alpha / sqrt(r) with `rslora`).
-        dropout: dropout probability on the adapter input.
+        dropout: dropout probability on the adapter input (active in training mode only).
         dropout_mode: "exact" (official DoRA / PEFT): y = W0 x + (g-1) W0 drop(x) + g s B A drop(x) + b, which
-            costs a second base GEMM while dropout is active; "lora-branch": y = g (W0 x + s B A drop(x)) + b,
-            one GEMM. The two agree when dropout is 0 or in eval mode.
+            costs a second base GEMM in forward and in backward while dropout is active; "lora-branch":
+            y = g (W0 x + s B A drop(x)) + b, one GEMM. The two agree when dropout is 0 or in eval mode.
         magnitude_only: no A, B; only m is trained (the paper's tuning-granularity setting).
         detach_norm: treat ||W0 + sBA|| as a constant in backward (paper section 4.3; default). False
             back-propagates through the norm into A and B.
         inplace_safe: the next op modifies this layer's output in place (nn.ReLU(inplace=True)). A layer without
             bias saves its own output for the magnitude gradient, which such an op would change (autograd then
             raises); with this option the output is a separate tensor (one output-sized tensor more).
+
+    The norm cache. With the detached norm, ||W0 + sBA|| (and ||W0||^2, and g - 1 for inference) is cached and
+    recomputed when any of weight, lora_A, lora_B (and magnitude, for g - 1) is a different tensor object or
+    has a new version counter (any in-place edit, optimizer.step(), load_state_dict, assign=True or not,
+    torch.func.functional_call, `layer.lora_B = nn.Parameter(...)`), after every optimizer step in the process,
+    and after `.to()` / `.cuda()` / `.half()` (which swap storage through `.data`). A write through `.data`
+    outside an optimizer step is seen by nothing: after `p.data.copy_(...)` or `p.data = ...` on weight,
+    lora_A, lora_B or (in eval mode) magnitude, call `invalidate_norm_cache()` (or `dora.invalidate_norm_caches(
+    model)`). Under torch.compile the norm is computed inside the graph on every forward (no cache, no graph
+    break: a cache check is Python state that a graph cannot test without breaking).
+
+    Under autocast, fp32 weights are cast to the autocast dtype on every forward, the base weight included (an
+    out x in copy, which backward keeps, as nn.Linear under autocast does for a frozen weight): keep the frozen
+    weights in bf16 to avoid it.
     """
 
     def __init__(
@@ -234,14 +345,15 @@ class DoRALinear(nn.Module):
         self.merged = False
         self._merge_norm: Optional[torch.Tensor] = None  # the norm at merge time; exact unmerge needs it
         self.norm_computations = 0  # how many times the row norm was computed (observability and tests)
-        self._clear_caches()
+        self._w2_cache, self._norm_cache, self._gm1_cache = _NormCache(), _NormCache(), _NormCache()
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------- creation
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 8, alpha: float = 16.0, **options) -> "DoRALinear":
-        """Wrap an existing nn.Linear: its weight and bias Parameters are taken over as they are (no copy)."""
+        """Wrap an existing nn.Linear: its weight and bias Parameters are taken over as they are (no copy), and
+        so is its training / eval mode."""
         w = linear.weight
         # Built on the meta device so that no second base weight is allocated, then given the real one.
         module = cls(linear.in_features, linear.out_features, rank, alpha, bias=linear.bias is not None,
@@ -254,7 +366,7 @@ class DoRALinear(nn.Module):
             if p is not None:
                 setattr(module, name, nn.Parameter(torch.empty_like(p, device=w.device)))
         module.reset_adapter()
-        return module
+        return module.train(linear.training)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -273,7 +385,7 @@ class DoRALinear(nn.Module):
         if self.lora_A is not None:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
-        self._clear_caches()
+        self.invalidate_norm_cache()
         self.magnitude.copy_(squared_row_norm(self.weight).sqrt())
 
     def extra_repr(self) -> str:
@@ -283,48 +395,53 @@ class DoRALinear(nn.Module):
                 f"detach_norm={self.detach_norm}, merged={self.merged}")
 
     # ----------------------------------------------------------------------------------------- norm and caches
-    def _clear_caches(self) -> None:
-        self._w2 = None
-        self._w2_key = None
-        self._norm = None
-        self._norm_key = None
-        self._gm1 = None
-        self._gm1_key = None
-
     def invalidate_norm_cache(self) -> None:
-        """Call after editing weight / lora_A / lora_B through `.data` outside an optimizer step."""
-        self._clear_caches()
+        """Forget the cached norms. Needed only after writing weight, lora_A, lora_B or magnitude through
+        `.data` outside an optimizer step (see the class docstring)."""
+        for cache in (self._w2_cache, self._norm_cache, self._gm1_cache):
+            cache.clear()
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() may replace a parameter's storage through `.data`: same tensor object, same
+        # version counter, so no key would see it (.to(bf16).to(fp32) changes the values but not the dtype).
+        self.invalidate_norm_cache()
+        return super()._apply(fn, recurse)
+
+    def _cache_stamp(self) -> tuple:
+        # Inference mode is part of the stamp: a tensor made under it cannot be saved for a later backward.
+        return _optimizer_steps, torch.is_inference_mode_enabled()
+
+    def _adapter_factors(self) -> tuple:
+        return () if self.lora_A is None else (self.lora_A, self.lora_B)
 
     def _weight_sq_norm(self) -> torch.Tensor:
         w = self.weight
-        key = (w._version, w.device, w.dtype, w.shape, torch.is_inference_mode_enabled())
-        if self._w2_key != key:
+        if torch.compiler.is_compiling():
+            return squared_row_norm(w)
+        stamp = self._cache_stamp()
+        w2 = self._w2_cache.get((w,), stamp)
+        if w2 is None:
             with torch.no_grad():
-                self._w2 = squared_row_norm(w)
-            self._w2_key = key
-        return self._w2
-
-    def _norm_cache_key(self):
-        # inference mode is part of the key: a tensor made under it cannot be saved for a later backward
-        key = (_optimizer_steps, self.weight._version, self.weight.device, self.weight.dtype,
-               torch.is_inference_mode_enabled())
-        if self.lora_A is not None:
-            key += (self.lora_A._version, self.lora_B._version)
-        return key
+                w2 = self._w2_cache.put(squared_row_norm(w), (w,), stamp)
+        return w2
 
     def weight_norm(self, differentiable: bool = False) -> torch.Tensor:
         """||W0 + s*B@A||_row in fp32. Cached unless `differentiable` (the non-detached variant)."""
         if differentiable:
             self.norm_computations += 1
             return factored_row_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self._weight_sq_norm())
-        key = self._norm_cache_key()
-        if self._norm_key != key:
+        if torch.compiler.is_compiling():
+            factors = [None if t is None else t.detach() for t in (self.lora_A, self.lora_B)]
+            return factored_row_norm(self.weight, *factors, self.scaling, self._weight_sq_norm())
+        sources = (self.weight, *self._adapter_factors())
+        stamp = self._cache_stamp()
+        norm = self._norm_cache.get(sources, stamp)
+        if norm is None:
             with torch.no_grad():
-                self._norm = factored_row_norm(
-                    self.weight, self.lora_A, self.lora_B, self.scaling, self._weight_sq_norm())
+                norm = factored_row_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self._weight_sq_norm())
+            self._norm_cache.put(norm, sources, stamp)
             self.norm_computations += 1
-            self._norm_key = key
-        return self._norm
+        return norm
 
     def _needs_norm_graph(self) -> bool:
         return (not self.detach_norm and not self.magnitude_only and torch.is_grad_enabled()
@@ -349,17 +466,22 @@ class DoRALinear(nn.Module):
         lora_A = None if self.lora_A is None else self.lora_A.to(dtype)
         lora_B = None if self.lora_B is None else self.lora_B.to(dtype)
         dropping = self.training and self.dropout > 0.0
-        x_lora = F.dropout(x, self.dropout, training=True) if dropping else None
-        if dropping and self.dropout_mode == "exact":
-            return self._forward_exact_dropout(x, x_lora, weight, bias, lora_A, lora_B)
+        keep = 1.0 - self.dropout
+        # The keep mask is drawn as F.dropout draws it on CPU (one Bernoulli per element, same random stream);
+        # kept as bool, it is a quarter of the float mask F.dropout keeps there.
+        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(keep) if dropping else None
+        exact_dropout = dropping and self.dropout_mode == "exact"
 
         trainable = (self.magnitude, self.lora_A, self.lora_B, self.bias)
         if not torch.is_grad_enabled() or not (x.requires_grad or any(p is not None and p.requires_grad
                                                                     for p in trainable)):
-            return _scaled_output(x, x_lora, weight, bias, lora_A, lora_B, self._cached_gm1(dtype),
-                                  self.scaling)[0]
-        return _DoRAScaledLinear.apply(x, x_lora, weight, bias, lora_A, lora_B, self._scale(), self.scaling,
-                                       self.inplace_safe)
+            gm1 = self._cached_gm1(dtype)
+            x_drop = None if mask is None else _dropped(x, mask, keep)
+            if exact_dropout:
+                return _exact_dropout_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, self.scaling)[0]
+            return _scaled_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, self.scaling)[0]
+        return _DoRAScaledLinear.apply(x, mask, weight, bias, lora_A, lora_B, self._scale(), self.scaling, keep,
+                                       exact_dropout, self.inplace_safe)
 
     def _scale(self) -> torch.Tensor:
         """g = m / ||W0 + sBA||_row in fp32, differentiable in m (and in A, B without detach_norm)."""
@@ -367,22 +489,17 @@ class DoRALinear(nn.Module):
         return self.magnitude.to(norm.dtype) / norm
 
     def _cached_gm1(self, dtype: torch.dtype) -> torch.Tensor:
-        # Inference: g - 1 cached in the compute dtype, keyed on the norm and the magnitude.
-        key = (self._norm_cache_key(), self.magnitude._version, self.magnitude.device, dtype)
-        if self._gm1_key != key:
+        """Inference: g - 1 in the compute dtype, cached on the norm's sources and the magnitude."""
+        if torch.compiler.is_compiling():
             norm = self.weight_norm()
-            self._gm1 = (self.magnitude.to(norm.dtype) / norm - 1.0).to(dtype)
-            self._gm1_key = key
-        return self._gm1
-
-    def _forward_exact_dropout(self, x, x_drop, weight, bias, lora_A, lora_B):
-        # y = W0 x + b + (g - 1) * (W0 drop(x) + s B A drop(x)) + s B A drop(x): a second base GEMM.
-        gm1 = (self._scale() - 1.0).to(x.dtype)
-        h_drop = F.linear(x_drop, weight)
-        if lora_A is None:
-            return F.linear(x, weight, bias) + gm1 * h_drop
-        lora = F.linear(F.linear(x_drop, lora_A), lora_B) * self.scaling
-        return F.linear(x, weight, bias) + gm1 * (h_drop + lora) + lora
+            return (self.magnitude.to(norm.dtype) / norm - 1.0).to(dtype)
+        sources = (self.weight, *self._adapter_factors(), self.magnitude)
+        stamp = (*self._cache_stamp(), dtype)
+        gm1 = self._gm1_cache.get(sources, stamp)
+        if gm1 is None:
+            norm = self.weight_norm()
+            gm1 = self._gm1_cache.put((self.magnitude.to(norm.dtype) / norm - 1.0).to(dtype), sources, stamp)
+        return gm1
 
     # ----------------------------------------------------------------------------------------- merge
     @torch.no_grad()
@@ -400,7 +517,7 @@ class DoRALinear(nn.Module):
         w.copy_(merged)
         self._merge_norm = norm.clone()
         self.merged = True
-        self._clear_caches()
+        self.invalidate_norm_cache()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -415,13 +532,13 @@ class DoRALinear(nn.Module):
         w.copy_(base)
         self._merge_norm = None
         self.merged = False
-        self._clear_caches()
+        self.invalidate_norm_cache()
 
     def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding the merged weight (merges first)."""
+        """A plain nn.Linear holding the merged weight (merges first), in this layer's training / eval mode."""
         self.merge()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         if self.bias is not None:
             linear.bias = self.bias
-        return linear
+        return linear.train(self.training)

@@ -12,7 +12,9 @@ A rule is plain data, as a YAML config holds it:
 
 The first rule whose pattern matches a module's qualified name wins. A rule that matches nothing, or that
 matches a module that is not an nn.Linear, is an error naming the rule; so is a `train_fully` pattern that
-matches no parameter.
+matches no parameter, or that matches an adapted module's frozen weight or its adapter parameters (lora_A,
+lora_B, magnitude: the rules train those). New DoRA layers take the training / eval mode of the Linear layers
+they replace.
 """
 from __future__ import annotations
 
@@ -187,9 +189,9 @@ def apply_dora(
 
     # The parameter names the model will have; train_fully patterns are checked against them up front.
     chosen_names = {name for name, _, _ in chosen}
-    future = [n for n, _ in model.named_parameters()]
-    future += [f"{n}.{part}" for n, _, i in chosen for part in
-               (("magnitude",) if rules[i].magnitude_only else ("lora_A", "lora_B", "magnitude"))]
+    adapter_names = {f"{n}.{part}" for n, _, i in chosen for part in
+                     (("magnitude",) if rules[i].magnitude_only else ("lora_A", "lora_B", "magnitude"))}
+    future = [n for n, _ in model.named_parameters()] + sorted(adapter_names)
     fully: dict[str, list[str]] = {}
     for pattern in train_fully:
         regex = re.compile(pattern)
@@ -200,9 +202,14 @@ def apply_dora(
         if clash:
             raise TargetingError(f"train_fully pattern {pattern!r} matches the frozen base weight of DoRA "
                                  f"module(s) {clash[:3]}; a module is either adapted or trained fully")
+        adapter = [n for n in names if n in adapter_names]
+        if adapter:
+            raise TargetingError(f"train_fully pattern {pattern!r} matches DoRA adapter parameter(s) "
+                                 f"{adapter[:3]}; the rules train those already")
         fully[pattern] = names
 
-    # 2. Freeze everything, then swap in DoRA layers (they take over the Linear's weight and bias).
+    # 2. Freeze everything, then swap in DoRA layers (they take over the Linear's weight and bias, and its
+    #    training / eval mode; their adapter parameters are new, so they require grad).
     for p in model.parameters():
         p.requires_grad_(False)
     for name, linear, i in chosen:
@@ -222,9 +229,6 @@ def apply_dora(
         for n in names:
             params[n].requires_grad_(True)
 
-    for _, module in dora_modules(model).items():
-        for p in _adapter_parameters(module):
-            p.requires_grad_(True)
     setattr(model, SPEC_ATTRIBUTE, DoRASpec(tuple(rules), tuple(train_fully)))
     report = DoRAReport(rows, trainable=sum(_numel(p) for p in model.parameters() if p.requires_grad),
                         total=sum(_numel(p) for p in model.parameters()))
@@ -269,10 +273,25 @@ def unmerge_dora(model: nn.Module) -> nn.Module:
     return model
 
 
+def invalidate_norm_caches(model: nn.Module) -> nn.Module:
+    """Forget the cached norms of every DoRA layer. Needed only after writing weights, lora_A, lora_B or
+    magnitudes through `.data` outside an optimizer step (see DoRALinear)."""
+    for module in dora_modules(model).values():
+        module.invalidate_norm_cache()
+    return model
+
+
 def unload_dora(model: nn.Module) -> nn.Module:
-    """Merge and replace every DoRALinear by a plain nn.Linear: a model that no longer needs this library."""
+    """Merge and replace every DoRALinear by a plain nn.Linear: a model that no longer needs this library.
+
+    The new Linear layers are as nn.Linear makes them: their weight and bias require grad. They keep the
+    training / eval mode of the layers they replace; the rest of the model keeps its requires_grad flags.
+    """
     for name, module in dora_modules(model).items():
-        setattr(*_parent(model, name), module.to_linear())
+        linear = module.to_linear()
+        for p in linear.parameters():
+            p.requires_grad_(True)
+        setattr(*_parent(model, name), linear)
     if hasattr(model, SPEC_ATTRIBUTE):
         delattr(model, SPEC_ATTRIBUTE)
     return model

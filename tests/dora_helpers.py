@@ -51,3 +51,16 @@ def perturb_adapter(model, scale: float = 0.3):
                 module.lora_B.normal_(0, scale)
             module.magnitude.mul_(1 + scale * torch.rand_like(module.magnitude))
             module.invalidate_norm_cache()
+
+
+def fresh_copy(layer):
+    """A new DoRALinear with the same settings and a copy of the layer's current tensors: it has never run, so
+    it has no cached norm. The reference that a layer with a (possibly stale) cache must agree with."""
+    from dora import DoRALinear
+    fresh = DoRALinear(layer.in_features, layer.out_features, max(layer.rank, 1), layer.alpha,
+                       bias=layer.bias is not None, dropout=layer.dropout, dropout_mode=layer.dropout_mode,
+                       magnitude_only=layer.magnitude_only, detach_norm=layer.detach_norm, rslora=layer.rslora,
+                       device="meta")
+    for name, p in layer.named_parameters():
+        setattr(fresh, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    return fresh.train(layer.training)

@@ -92,23 +92,23 @@ def test_gradcheck_non_detached_layer():
     assert torch.autograd.gradcheck(f, inputs)
 
 
-@pytest.mark.parametrize("separate_lora_input", [False, True])
-def test_gradcheck_scaled_linear_function(separate_lora_input):
+@pytest.mark.parametrize("form", ["no-dropout", "lora-branch", "exact", "exact-magnitude-only"])
+def test_gradcheck_scaled_linear_function(form):
     # The custom autograd Function with g an input (what the detached variant computes): all of its analytic
-    # gradients against finite differences, with bias and adapter; the adapter input is x itself or a
-    # separate tensor (dropout(x) in the lora-branch mode).
+    # gradients against finite differences, with bias and adapter, without dropout and with a fixed dropout mask
+    # in either mode.
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    x_lora = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True) if separate_lora_input else None
+    mask = None if form == "no-dropout" else torch.rand(2, 5, 6) > 0.3
     W = torch.randn(4, 6, dtype=torch.float64)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     A = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     B = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     g = (1 + 0.5 * torch.rand(4, dtype=torch.float64)).requires_grad_(True)
-    inputs = [x, b, A, B, g] + ([x_lora] if separate_lora_input else [])
+    adapter = [] if form == "exact-magnitude-only" else [A, B]
 
-    def f(x, b, A, B, g, x_lora=None):
-        return _DoRAScaledLinear.apply(x, x_lora, W, b, A, B, g, 0.5, False)
-    assert torch.autograd.gradcheck(f, inputs)
+    def f(x, b, g, A=None, B=None):
+        return _DoRAScaledLinear.apply(x, mask, W, b, A, B, g, 0.5, 0.7, form.startswith("exact"), False)
+    assert torch.autograd.gradcheck(f, [x, b, g] + adapter)
 
 
 def test_magnitude_only_layer():
@@ -155,8 +155,8 @@ def test_zero_rows_give_no_nan():
 
 def test_small_magnitude_change_survives_bf16():
     # g = 1.003 is not representable in bf16 (neighbours 1.0 and 1.0078): a bf16 g would round to 1.0 and
-    # the change would vanish. With g - 1 applied in fp32 the outputs round up or down element by element,
-    # so on average they carry the 0.3% change.
+    # the change would vanish. g - 1 = 0.003, computed in fp32, keeps its value in bf16 to 0.2%: the outputs round
+    # up or down element by element, so on average they carry the 0.3% change.
     linear = nn.Linear(256, 128, bias=False).bfloat16()
     layer = DoRALinear.from_linear(linear, rank=4, alpha=8)
     x = torch.randn(64, 256).bfloat16()
@@ -510,3 +510,134 @@ def test_training_after_inference_mode():
         layer(x)
     layer(x).sum().backward()  # the norm cached under inference mode is not reused by autograd
     assert torch.isfinite(layer.magnitude.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("mode", ["exact", "lora-branch"])
+def test_no_dropout_in_eval_mode(mode):
+    layer = make_layer(16, 12, 4, dropout=0.5, dropout_mode=mode).eval()
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    ref = dense_dora(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling)
+    torch.testing.assert_close(layer(x), ref)  # the autograd path
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref)  # the cached-scale path
+
+
+@pytest.mark.parametrize("magnitude_only", [False, True])
+def test_exact_dropout_output_and_gradients_match_the_formula(magnitude_only):
+    # y = W0 x + (g-1) W0 x~ + g s B A x~ + b with x~ = dropout(x), written out in float64 with the same mask
+    if magnitude_only:
+        layer = DoRALinear.from_linear(nn.Linear(16, 12).double(), magnitude_only=True, dropout=0.3)
+        with torch.no_grad():
+            layer.magnitude.mul_(1 + 0.3 * torch.rand(12, dtype=torch.float64))
+        layer.bias.requires_grad_(True)
+    else:
+        layer = make_layer(16, 12, 4, dropout=0.3)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.magnitude, layer.bias] + ([] if magnitude_only else [layer.lora_A, layer.lora_B])
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    x_drop = torch.nn.functional.dropout(x, 0.3, training=True)
+    W, b, m = layer.weight, layer.bias, layer.magnitude
+    V = W if magnitude_only else W + layer.scaling * layer.lora_B @ layer.lora_A
+    g = m / V.norm(dim=1).detach()
+    ref = x @ W.t() + (g - 1) * (x_drop @ W.t()) + b
+    if not magnitude_only:
+        ref = ref + g * layer.scaling * (x_drop @ layer.lora_A.t() @ layer.lora_B.t())
+    torch.testing.assert_close(y, ref)
+    gy = torch.randn_like(y)
+    for got, want in zip(grads(y, params, gy), grads(ref, params, gy)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("mode", ["exact", "lora-branch"])
+def test_dropout_training_step_saves_at_most_one_output_sized_tensor_more_than_lora(mode):
+    # What autograd keeps between forward and backward for one layer (input requiring grad, as inside a
+    # network): PEFT LoRA keeps the dropout mask and dropped input, and x~ A^T. Ours may add one output-sized
+    # tensor (the magnitude gradient's h or u) and (out,) vectors, and nothing of size out x in.
+    from peft import LoraConfig, get_peft_model
+    d_in, d_out, tokens = 64, 96, 32
+
+    def saved_bytes(model):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                storages[s.data_ptr()] = s.nbytes()
+            return t
+        x = torch.randn(tokens, d_in, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(storages.values())
+
+    torch.manual_seed(0)
+    lora = get_peft_model(nn.Sequential(nn.Linear(d_in, d_out, bias=False)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.1))
+    ours = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+    apply_dora(ours, [{"match": "0", "rank": 4, "alpha": 8, "dropout": 0.1, "dropout_mode": mode}], verbose=False)
+    extra = saved_bytes(ours) - saved_bytes(lora)
+    assert extra <= (tokens + 4) * d_out * 4, extra  # and a few (out,) vectors: g, g - 1
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_small_magnitude_change_survives_bf16_in_training(dropout):
+    # The autograd path (the layer trains) applies g - 1 as the no-grad path does, also in the exact dropout
+    # form: rounding g = 1.003 to bf16 first would give 1.0 and lose the change.
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128, bias=False).bfloat16()
+    layer = DoRALinear.from_linear(linear, rank=4, alpha=8, dropout=dropout)
+    x = torch.randn(64, 256).bfloat16()
+    torch.manual_seed(1)
+    base = layer(x).double()
+    with torch.no_grad():
+        layer.magnitude.mul_(1.003)
+    torch.manual_seed(1)
+    scaled = layer(x)
+    assert scaled.requires_grad
+    # the change is 0.003 * W0 x (no dropout) or 0.003 * W0 dropout(x) (exact form)
+    torch.manual_seed(1)
+    x_drop = torch.nn.functional.dropout(x.double(), dropout, training=True) if dropout else x.double()
+    direction = x_drop @ layer.weight.double().t()
+    change = ((scaled.double() - base) * direction).sum() / direction.pow(2).sum()
+    assert change.item() == pytest.approx(0.003, abs=6e-4)  # bf16 output rounding; the mutant gives 0
+
+
+# ----------------------------------------------------------------------------------------------- misc
+def test_a_layer_built_directly_is_initialised_like_nn_linear():
+    torch.manual_seed(3)
+    linear = nn.Linear(24, 10)
+    torch.manual_seed(3)
+    layer = DoRALinear(24, 10, rank=4, alpha=8)
+    assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
+    assert torch.equal(layer.lora_B, torch.zeros(10, 4)) and layer.lora_A.abs().max() > 0
+    torch.testing.assert_close(layer.magnitude, linear.weight.detach().norm(dim=1))
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(layer(x), linear(x))
+
+
+def test_double_backward_is_refused_clearly():
+    layer = make_layer(8, 6, 2)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+
+
+def test_decomposition_analysis_keeps_small_updates_in_fp32_layers():
+    # delta_D of a small update is ~1e-7: a norm computed in fp32 (relative error 1e-7) would swamp it
+    from dora.analysis import decomposition_delta, model_decomposition_deltas
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128))
+    apply_dora(model, [{"match": "0", "rank": 8, "alpha": 16}], verbose=False)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 1e-4)
+        layer.magnitude.mul_(1.01)
+    W, A, B, m = (t.detach().double() for t in (layer.weight, layer.lora_A, layer.lora_B, layer.magnitude))
+    V = W + layer.scaling * B @ A
+    want = decomposition_delta((m / V.norm(dim=1))[:, None] * V, W)
+    got = model_decomposition_deltas(model)["0"]
+    assert got.direction == pytest.approx(want.direction, rel=1e-6)
+    assert got.magnitude == pytest.approx(want.magnitude, rel=1e-9)

@@ -87,6 +87,8 @@ def test_first_matching_rule_wins():
     ([{"match": r"head(", "rank": 2}], [], r"invalid regular expression"),
     ([{"match": r"head", "rank": 2}], [r"no\.such\.param"], r"train_fully pattern 'no\\\\.such\\\\.param' matched no"),
     ([{"match": r"head", "rank": 2}], [r"head\.weight"], r"frozen base weight"),
+    ([{"match": r"head", "rank": 2, "dropout": 1.5}], [], r"dropout must be in \[0, 1\)"),
+    ([{"match": r"head", "rank": 2}], [r".*\.magnitude"], r"matches DoRA adapter parameter\(s\) \['head.magnitude'\]"),
 ])
 def test_rule_errors_name_the_rule(rules, train_fully, message):
     model = TinyNet()
@@ -167,12 +169,16 @@ def test_load_into_already_adapted_model_and_mismatch_errors(tmp_path):
 
 
 def test_load_rejects_truncated_tensor_file(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     model = adapted()
     save_adapter(model, tmp_path / "a")
-    tensors = load_file(str(tmp_path / "a" / "dora_adapter.safetensors"))
+    file = str(tmp_path / "a" / "dora_adapter.safetensors")
+    tensors = load_file(file)
+    with safe_open(file, framework="pt") as f:
+        metadata = f.metadata()  # the save id that pairs it with dora_config.json
     del tensors["layers.1.up.magnitude"]
-    save_file(tensors, str(tmp_path / "a" / "dora_adapter.safetensors"))
+    save_file(tensors, file, metadata=metadata)
     with pytest.raises(AdapterError, match=r"missing tensors \['layers.1.up.magnitude'\]"):
         load_adapter(TinyNet(), tmp_path / "a")
 
@@ -267,3 +273,55 @@ def test_export_peft_takes_tensors_from_a_state_dict(tmp_path):
     assert torch.equal(tensors["base_model.model.layers.0.q_proj.lora_magnitude_vector"],
                        state["layers.0.q_proj.magnitude"])
     assert torch.equal(tensors["base_model.model.projector.0.weight"], state["projector.0.weight"])
+
+
+def test_rule_options_reach_the_layers():
+    model = TinyNet().double()
+    apply_dora(model, [{"match": r"layers\.0\.q_proj", "rank": 3, "alpha": 6, "detach_norm": False,
+                        "dropout": 0.1, "dropout_mode": "lora-branch", "inplace_safe": True}], verbose=False)
+    layer = dora_modules(model)["layers.0.q_proj"]
+    assert (layer.detach_norm, layer.dropout, layer.dropout_mode, layer.inplace_safe) == (
+        False, 0.1, "lora-branch", True)
+    # and the layer computes what it says: the gradient through the norm (not the detached one)
+    from dora_helpers import dense_dora
+    layer.eval()  # no dropout
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    args = (layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling)
+    (got,) = torch.autograd.grad(layer(x).pow(2).sum(), [layer.lora_A])
+    (want,) = torch.autograd.grad(dense_dora(x, *args, detach_norm=False).pow(2).sum(), [layer.lora_A])
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("how", ["apply_dora", "load_adapter"])
+def test_new_layers_take_the_mode_of_the_model(tmp_path, how):
+    rules = [{"match": r"layers\.\d+\.(q|v)_proj", "rank": 4, "dropout": 0.5}]
+    model = TinyNet().eval()
+    if how == "apply_dora":
+        apply_dora(model, rules, verbose=False)
+    else:
+        source = TinyNet()
+        apply_dora(source, rules, verbose=False)
+        save_adapter(source, tmp_path / "a")
+        load_adapter(model, tmp_path / "a")
+    assert not any(m.training for m in dora_modules(model).values())
+    perturb_adapter(model)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # no dropout in eval mode
+    model.train()
+    assert all(m.training for m in dora_modules(model).values())
+
+
+def test_unloaded_layers_are_plain_trainable_linears_in_the_models_mode():
+    model = adapted().eval()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        y = model(x)
+    unload_dora(model)
+    linears = [model.layers[i].q_proj for i in range(2)] + [model.layers[i].down for i in range(2)]
+    assert all(type(m) is nn.Linear and not m.training for m in linears)
+    assert all(p.requires_grad for m in linears for p in m.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
