@@ -104,20 +104,52 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def leave_process_group() -> None:
-    """Destroy the process group and unlink this rank's DeepSpeed CPU all-reduce buffer.
+    """Destroy the process group, let gloo's worker threads finish, and unlink this rank's DeepSpeed CPU
+    all-reduce buffer. Call it on every rank, after a barrier.
 
-    On CPU, DeepSpeed (0.19) puts a 69 MB shared-memory buffer per rank in /dev/shm
+    Why the wait: a gloo worker thread destroys each finished collective after it has signalled completion, and
+    a barrier keeps the collectives still in flight when it was issued, so the last reference to a tensor the
+    Python side created can be dropped by a worker thread after the main thread has moved on. That needs the GIL;
+    if the interpreter is already finalizing, CPython ends the thread with a forced unwind through a noexcept
+    destructor and the process aborts ("terminate called without an active exception", core dumps show
+    ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllreduceWork -> decref_pyobject -> take_gil ->
+    pthread_exit). destroy_process_group() alone does not join those threads (DeepSpeed keeps references to the
+    groups), so we release the GIL until none of them is runnable.
+
+    On CPU, DeepSpeed (0.19) also puts a 69 MB shared-memory buffer per rank in /dev/shm
     (deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}) and never unlinks it: every 2-process CPU run would
     leave 138 MB of RAM behind (19 GB after a day of test runs, measured). Its peers opened it at start-up, so
     unlinking the name once every rank is done frees it when the processes exit. No such file exists on GPU."""
     rank = dist.get_rank() if dist.is_initialized() else None
     if dist.is_initialized():
         dist.destroy_process_group()
+        _settle_gloo_workers()
     if rank is not None and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
                 f"{os.environ['MASTER_PORT']}_{rank}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(Path("/dev/shm") / name)
+
+
+def _gloo_worker_states() -> dict[str, str]:
+    """{thread id: scheduler state} of this process's gloo threads (Linux /proc; empty elsewhere)."""
+    states = {}
+    with contextlib.suppress(OSError):
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):
+                if "gloo" in (task / "comm").read_text():
+                    states[task.name] = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    return states
+
+
+def _settle_gloo_workers(timeout_s: float = 2.0) -> None:
+    """Sleep (which releases the GIL) until no gloo thread is runnable in two checks 10 ms apart: a worker that
+    waits for the GIL to drop its last collective gets it and goes back to waiting for work. Bounded."""
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        quiet = quiet + 1 if all(state in ("S", "D", "I") for state in _gloo_worker_states().values()) else 0
 
 
 def resolve_precision(name: str) -> str:
