@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick env clean
+.PHONY: demo demo-vlbart demo-video test bench bench-all bench-quick env clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,23 @@ env: $(STAMP)
 demo: $(STAMP)
 	bash launch/llava_dora.sh
 
+demo-vlbart: $(STAMP)
+	bash launch/vlbart_dora.sh
+
+demo-video: $(STAMP)
+	bash launch/vlbart_dora.sh video
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/dora_layer.py
+
+bench-all: $(STAMP)
+	$(PY) bench/dora_layer.py
+	$(PY) bench/vlbart_step.py
+	$(PY) bench/features.py
+	$(PY) bench/video.py
 
 bench-quick: $(STAMP)
 	$(PY) bench/dora_layer.py --quick

@@ -144,8 +144,14 @@ def peak_memory_child(method, d_in, d_out, rank, tokens, device_name, dtype_name
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     model = build(method, d_in, d_out, rank, device, dtype, dropout, mode)
     x = torch.randn(tokens, d_in, device=device, dtype=dtype)
-    step = make_step(model, x)
-    step()  # warm-up: optimizer state, caches
+    return step_peak_mb(make_step(model, x), device)
+
+
+def step_peak_mb(step, device) -> float:
+    """MB of peak memory one call of `step` adds above the state before it, after one warm-up call (optimizer
+    state, caches). On CPU this is the peak RSS, so run it in a fresh process with MALLOC_MMAP_THRESHOLD_ set
+    (see peak_memory)."""
+    step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
