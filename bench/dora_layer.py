@@ -255,6 +255,8 @@ def main():
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--dropout", type=float, default=0.05, help="the dropout rows' probability (0: no such rows)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    parser.add_argument("--config", action="append", metavar="IN,OUT,RANK,TOKENS",
+                        help="measure only this configuration (repeatable), e.g. 2048,2048,16,512")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -263,7 +265,9 @@ def main():
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.quick:
+    if args.config:
+        configs = [tuple(int(v) for v in c.split(",")) for c in args.config]
+    elif args.quick:
         configs = [(512, 512, 16, 512)]
         args.budget = min(args.budget, 5.0)
     else:
