@@ -599,7 +599,8 @@ class VideoExtractionReport:
 def video_feature_metadata(model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai",
                            model_config: Optional[Mapping] = None, *, sample_fps: Optional[float] = VALUE_SAMPLE_FPS,
                            n_frames: Optional[int] = None, min_frames: int = 1, window=None, resize: str = "crop",
-                           image_size: Optional[int] = None, dtype: torch.dtype = torch.float16, seed: int = 0) -> dict:
+                           image_size: Optional[int] = None, dtype: torch.dtype = torch.float16, seed: int = 0,
+                           calibrate_batchnorm: int = 0) -> dict:
     """What a store of per-frame video features records (and what a resumed run must match)."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
@@ -632,6 +633,8 @@ def video_feature_metadata(model_name: str = "ViT-B-32", pretrained: Optional[st
     }
     if not pretrained:
         meta["init_seed"] = seed  # random towers differ by seed: a resume must use the same one
+        if calibrate_batchnorm:
+            meta["calibrate_batchnorm"] = calibrate_batchnorm
     return meta
 
 
@@ -694,7 +697,7 @@ def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root:
                            resize: str = "crop", image_size: Optional[int] = None, progress: bool = True,
                            on_error: str = "skip", decode_timeout: Optional[float] = 600.0,
                            shard: Optional[tuple[int, int]] = None, shard_size: int = 1024, seed: int = 0,
-                           amp: Optional[bool] = None) -> VideoExtractionReport:
+                           amp: Optional[bool] = None, calibrate_batchnorm: int = 0) -> VideoExtractionReport:
     """Per-frame CLIP embeddings of `videos` ({id: file}) into the store at `store_root`, one (T, D) entry per id.
 
     Sampling: `n_frames` uniform frames if given (sample_fps is then not used), else `sample_fps` per second;
@@ -703,7 +706,10 @@ def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root:
     batches of `batch_size` frames. Ids already in the store are skipped; a kill loses at most the entries not
     yet written as a shard. shard=(i, n): every n-th id from the i-th, under its own writer prefix, so that n
     processes fill one store. amp (default: on for CUDA) runs the tower under float16 autocast, as VALUE ran
-    OpenAI's fp16 weights; on CPU it runs in float32. The store holds `dtype`."""
+    OpenAI's fp16 weights; on CPU it runs in float32. The store holds `dtype`.
+    calibrate_batchnorm=N (random ModifiedResNet towers only): BatchNorm statistics from the sampled frames of the
+    first N videos in id order, before extraction (data.image_features.estimate_batchnorm_statistics); the same
+    videos on every run and shard, so a resume matches."""
     from tqdm.auto import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -711,6 +717,9 @@ def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root:
     if n_frames is not None:
         sample_fps = None
     items = sorted((str(k), v) for k, v in videos.items())
+    calibration = items[:calibrate_batchnorm]  # before sharding: every shard calibrates on the same videos
+    if calibrate_batchnorm and pretrained:
+        raise ValueError("calibrate_batchnorm is for random towers: pretrained weights keep their statistics")
     prefix = DEFAULT_PREFIX
     if shard is not None:
         i, n = shard
@@ -719,7 +728,7 @@ def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root:
         items, prefix = items[i::n], f"part{i}of{n}"
     meta = video_feature_metadata(model_name, pretrained, model_config, sample_fps=sample_fps, n_frames=n_frames,
                                   min_frames=min_frames, window=window, resize=resize, image_size=image_size,
-                                  dtype=dtype, seed=seed)
+                                  dtype=dtype, seed=seed, calibrate_batchnorm=calibrate_batchnorm)
     if window is None or isinstance(window, Mapping):
         windows = dict(window or {})
     else:
@@ -735,10 +744,12 @@ def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root:
         if pending:
             t0 = time.perf_counter()
             visual, mean, std = load_clip_tower(model_name, pretrained, device, model_config, seed)
-            report.load_seconds = time.perf_counter() - t0
             dataset = VideoFrames(pending, n_frames=n_frames, sample_fps=sample_fps, windows=windows,
                                   min_frames=min_frames, resize=resize, image_size=meta["image_size"],
                                   on_error=on_error)
+            if calibration:
+                _calibrate_batchnorm(visual, dataset, calibration, mean, std, device)
+            report.load_seconds = time.perf_counter() - t0
 
             def failed(key: str, reason: str) -> None:
                 writer.add_failure(key, reason)
@@ -760,6 +771,27 @@ def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root:
         log.warning("%d video(s) could not be read; listed with reasons in %s/failures-%s.json",
                     len(report.failed), store_root, prefix)
     return report
+
+
+def _calibrate_batchnorm(visual, dataset: VideoFrames, videos: Sequence[tuple[str, Optional[PathLike]]], mean, std,
+                         device: torch.device) -> None:
+    """A random ModifiedResNet's BatchNorm statistics from the frames of `videos`, sampled and resized as the
+    extraction samples them. With its own statistics (mean 0, variance 1) a random tower's frame embeddings are
+    nearly the same for every frame (cosine similarity 0.95 between demo frames, measured), so a model learns
+    nothing from them; after calibration 0.53-0.65."""
+    from .image_features import estimate_batchnorm_statistics
+
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in visual.modules()):
+        raise ValueError("calibrate_batchnorm needs a tower with BatchNorm layers (a CLIP ModifiedResNet, e.g. RN50)")
+    frames = []
+    for key, path in videos:
+        try:
+            frames.append(dataset.decode(str(key), None if path is None else os.fspath(path)).frames)
+        except Exception as e:  # an unreadable video is reported by the extraction itself
+            log.warning("calibration skips video %r: %s", key, _reason(e, path))
+    if not frames:
+        raise ValueError("calibrate_batchnorm: none of the calibration videos could be decoded")
+    estimate_batchnorm_statistics(visual, normalise(torch.cat(frames).to(device), mean, std))
 
 
 def _extract(loader: VideoLoader, visual, mean, std, writer: FeatureWriter, report: VideoExtractionReport,
@@ -1043,6 +1075,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--decode-timeout", type=float, default=600.0, help="seconds one video may take to decode")
     p.add_argument("--shard", type=parse_shard, help="i/n: extract the i-th of n disjoint parts (0-based)")
     p.add_argument("--shard-size", type=int, default=1024, help="entries per shard file")
+    p.add_argument("--calibrate-batchnorm", type=int, default=0, metavar="N",
+                   help="random ResNet towers: BatchNorm statistics from the frames of the first N videos")
     p.add_argument("--no-progress", action="store_true")
     q = sub.add_parser("import-value", help="VALUE's released features ({vid_name}.npz) into a store")
     q.add_argument("--features-dir", required=True, help="e.g. vis_features/tv/clip-vit")
@@ -1073,7 +1107,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         sample_fps=args.sample_fps, n_frames=args.n_frames, min_frames=args.min_frames, batch_size=args.batch_size,
         num_workers=args.num_workers, device=args.device, dtype=dtype_from_name(args.dtype), resize=args.resize,
         image_size=args.image_size, progress=not args.no_progress, on_error=args.on_error,
-        decode_timeout=args.decode_timeout, shard=args.shard, shard_size=args.shard_size)
+        decode_timeout=args.decode_timeout, shard=args.shard, shard_size=args.shard_size,
+        calibrate_batchnorm=args.calibrate_batchnorm)
     print(json.dumps(report.summary()))
     return 0
 

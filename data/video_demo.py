@@ -1,15 +1,16 @@
 """A generated video-text dataset for the video demo and tests, in the VALUE release formats (facts 5.1-5.2).
 
-Each video (mp4/H.264 written with PyAV, 96x96, 4 s at 8 fps by default) shows one coloured shape on a plain
-background that
+Each video (mp4/H.264 written with PyAV, 96x96, 4 s at 8 fps by default) shows one coloured shape on a plain grey
+background (the same grey in every video by default: see `random_scene`) that
 - MOVES left, right, up or down, or stays in place;
 - CHANGES COLOUR once, from colour A to colour B;
 - and is visible the whole time, APPEARS partway, DISAPPEARS partway, appears and later disappears, or
   disappears and later comes back (the colour then changes while it is hidden).
 No single frame answers a question: the direction needs two positions, "what colour does it turn" / "what colour
 is it before it changes" need the order of the two colours (both are always among the choices), and visibility
-needs frames before and after the event. Every property is drawn uniformly, answers sit at a random position,
-so chance is 1/5 for TVQA and 1/4 for How2QA. Subtitles are neutral lines that name no property.
+needs frames before and after the event. Every property is drawn uniformly, so chance is 1/5 for TVQA and 1/4
+for How2QA. The choices are either shuffled, as TVQA's are, or every possible answer in a fixed order (the video
+demo's: see `write_video_demo`). Subtitles are neutral lines that name no property.
 
 Layout (as VALUE's DataRelease; `root` plays `datasets/video/`):
     videos/{tv,how2,yc2}/{vid_name}.mp4
@@ -107,10 +108,14 @@ class VideoScene:
 
 
 def random_scene(vid_name: str, rng: random.Random, *, size: int = 96, duration: float = 4.0,
-                 fps: int = 8) -> VideoScene:
+                 fps: int = 8, grey: tuple[int, int] = (128, 128), kinds: Optional[int] = None) -> VideoScene:
+    """A scene with every property drawn uniformly: colours, direction and visibility from the first `kinds` of
+    each (all by default; see `write_video_demo`'s fixed choices). The background is a grey drawn from `grey`
+    (lo, hi); the default keeps it fixed: a grey drawn per video from (90, 200) was 93% of the variance of a random
+    tower's frame embeddings (measured), which buried the shape's colour, visibility and position."""
     d = duration
     u = lambda a, b: rng.uniform(a * d, b * d)  # noqa: E731  (a time as a share of the video)
-    visibility = rng.choice(VISIBILITY)
+    visibility = rng.choice(VISIBILITY[:kinds])
     # event times keep >= 20% of the video between events, so 8 uniform frames see every phase
     if visibility == "always":
         visible, change = [[0.0, d]], u(0.35, 0.65)
@@ -126,17 +131,17 @@ def random_scene(vid_name: str, rng: random.Random, *, size: int = 96, duration:
     else:
         t1, t2 = u(0.3, 0.4), u(0.6, 0.7)
         visible, change = [[0.0, t1], [t2, d]], rng.uniform(t1, t2)
-    before, after = rng.sample(sorted(COLOURS), 2)
-    direction = rng.choice(sorted(DIRECTIONS))
+    before, after = rng.sample(sorted(list(COLOURS)[:kinds]), 2)
+    direction = rng.choice(sorted(list(DIRECTIONS)[:kinds]))
     dx, dy = DIRECTIONS[direction]
     travel = 0.45 * size
     radius = 0.12 * size
     jitter = lambda: rng.uniform(-0.06, 0.06) * size  # noqa: E731
     start = [size / 2 - dx * travel / 2 + jitter(), size / 2 - dy * travel / 2 + jitter()]
-    grey = rng.randint(90, 200)
+    level = rng.randint(*grey)
     return VideoScene(vid_name, rng.choice(SHAPES), before, after, direction, visibility, round(change, 3),
                       [[round(a, 3), round(b, 3)] for a, b in visible], [round(v, 2) for v in start], travel,
-                      radius, [grey, grey, min(255, grey + 10)], duration, fps, size)
+                      radius, [level, level, min(255, level + 10)], duration, fps, size)
 
 
 def write_video(path: str | Path, scene: VideoScene, crf: int = 18) -> Path:
@@ -170,21 +175,39 @@ def _choices(answer: str, options: list[str], must: list[str], k: int, rng: rand
 
 
 QUESTION_KINDS = ("direction", "colour_after", "colour_before", "visibility")
+QUESTION_TEXT = {"direction": "Which way does the {s} move?", "colour_after": "What colour does the {s} turn?",
+                 "colour_before": "What colour is the {s} before it changes colour?",
+                 "visibility": "When can the {s} be seen?"}
 
 
 def questions(scene: VideoScene, n_choices: int, rng: random.Random,
-              kinds: tuple[str, ...] = QUESTION_KINDS) -> list[tuple[str, list[str], int]]:
-    """(question, choices, answer index) per kind: direction, colour after, colour before, visibility."""
+              kinds: tuple[str, ...] = QUESTION_KINDS, fixed: bool = False) -> list[tuple[str, list[str], int]]:
+    """(question, choices, answer index) per kind: direction, colour after, colour before, visibility.
+    fixed: the choices are the first `n_choices` answers of the kind in their fixed order (COLOURS, DIRECTIONS,
+    VISIBILITY), which must hold the answer (draw the scene with kinds=n_choices)."""
     s = scene.shape
+    if fixed:
+        options = {"direction": [DIRECTION_ANSWERS[k] for k in DIRECTIONS], "colour_after": list(COLOURS),
+                   "colour_before": list(COLOURS), "visibility": [VISIBILITY_ANSWERS[k] for k in VISIBILITY]}
+        answers = {"direction": DIRECTION_ANSWERS[scene.direction], "colour_after": scene.colour_after,
+                   "colour_before": scene.colour_before, "visibility": VISIBILITY_ANSWERS[scene.visibility]}
+        out = []
+        for kind in kinds:
+            choices = options[kind][:n_choices]
+            if answers[kind] not in choices:
+                raise ValueError(f"{scene.vid_name}: {answers[kind]!r} is not among the first {n_choices} answers "
+                                 f"of {kind!r}; draw the scene with kinds={n_choices}")
+            out.append((QUESTION_TEXT[kind].format(s=s), choices, choices.index(answers[kind])))
+        return out
     colours = sorted(COLOURS)
     make = {
-        "direction": lambda: (f"Which way does the {s} move?", *_choices(
+        "direction": lambda: (QUESTION_TEXT["direction"].format(s=s), *_choices(
             DIRECTION_ANSWERS[scene.direction], list(DIRECTION_ANSWERS.values()), [], n_choices, rng)),
-        "colour_after": lambda: (f"What colour does the {s} turn?", *_choices(
+        "colour_after": lambda: (QUESTION_TEXT["colour_after"].format(s=s), *_choices(
             scene.colour_after, colours, [scene.colour_before], n_choices, rng)),
-        "colour_before": lambda: (f"What colour is the {s} before it changes colour?", *_choices(
+        "colour_before": lambda: (QUESTION_TEXT["colour_before"].format(s=s), *_choices(
             scene.colour_before, colours, [scene.colour_after], n_choices, rng)),
-        "visibility": lambda: (f"When can the {s} be seen?", *_choices(
+        "visibility": lambda: (QUESTION_TEXT["visibility"].format(s=s), *_choices(
             VISIBILITY_ANSWERS[scene.visibility], list(VISIBILITY_ANSWERS.values()), [], n_choices, rng)),
     }
     return [make[k]() for k in kinds]
@@ -233,9 +256,21 @@ def _vid_name(source: str, k: int, rng: random.Random) -> str:
 
 def write_video_demo(root: str | Path, n_train_videos: int = 40, n_test_videos: int = 10, seed: int = 0, *,
                      size: int = 96, duration: float = 4.0, fps: int = 8,
-                     question_kinds: tuple[str, ...] = QUESTION_KINDS) -> dict[str, Path]:
+                     question_kinds: tuple[str, ...] = QUESTION_KINDS, grey: tuple[int, int] = (128, 128),
+                     choices: str = "shuffled") -> dict[str, Path]:
     """Write the demo under `root` (see the module docstring): per source (tv, how2, yc2) `n_train_videos`
-    training and `n_test_videos` validation videos, with questions of `question_kinds`. Returns {name: path}."""
+    training and `n_test_videos` validation videos, with questions of `question_kinds` and backgrounds of a grey
+    in `grey` (see `random_scene`). Returns {name: path}.
+
+    choices="shuffled": the answer, its counterpart (both colours) and random distractors in random order, as
+    TVQA's are; answering means finding the right text among the choices and naming its label.
+    choices="fixed": every possible answer, in a fixed order: the TV videos draw from 5 colours, directions and
+    visibilities and the How2 videos from 4, so each choice list holds all of them and the label alone names the
+    answer, as in a classification task. Chance stays 1/5 and 1/4 (answers are drawn uniformly), and the
+    questions still need the order of events."""
+    if choices not in ("shuffled", "fixed"):
+        raise ValueError(f"choices must be 'shuffled' or 'fixed', got {choices!r}")
+    fixed = choices == "fixed"
     root = Path(root)
     rng = random.Random(seed)
     ann = root / "ann"
@@ -254,7 +289,8 @@ def write_video_demo(root: str | Path, n_train_videos: int = 40, n_test_videos: 
                 while name in scenes:  # a YouCook2-style id drawn twice
                     name = _vid_name(source, k, rng)
                 k += 1
-                scene = random_scene(name, rng, size=size, duration=duration, fps=fps)
+                kinds = {"tv": 5, "how2": 4}.get(source) if fixed else None
+                scene = random_scene(name, rng, size=size, duration=duration, fps=fps, grey=grey, kinds=kinds)
                 write_video(folder / f"{name}.mp4", scene)
                 scenes[name] = {**asdict(scene), "source": source, "split": split}
                 subs[source].append({"vid_name": name, "sub": subtitles(scene, rng, speakers=source == "tv")})
@@ -262,7 +298,7 @@ def write_video_demo(root: str | Path, n_train_videos: int = 40, n_test_videos: 
                 if source in ("tv", "how2"):
                     task = "tvqa" if source == "tv" else "how2qa"
                     n_choices = 5 if source == "tv" else 4
-                    for q, choices, answer in questions(scene, n_choices, rng, question_kinds):
+                    for q, choices, answer in questions(scene, n_choices, rng, question_kinds, fixed):
                         r = {"vid_name": name, "ts": ts, "q": q, **{f"a{i}": c for i, c in enumerate(choices)},
                              "answer_idx": answer, "qid": qid}
                         if task == "tvqa":

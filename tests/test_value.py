@@ -111,15 +111,15 @@ def test_video_recipe_trains_and_scores_on_the_generated_demo(tmp_path):
     """The video config's path on tiny data: VALUE files, decord frames, features, DoRA training, the scorers."""
     from data.video import extract_video_features, find_videos
     from data.video_demo import write_video_demo
-    from recipes.vlbart.demo import DEMO_VIT, video_texts
+    from recipes.vlbart.demo import DEMO_TOWER, video_texts
     from recipes.vlbart.demo_models import make_tiny_bart
 
     data = tmp_path / "data"
     write_video_demo(data, n_train_videos=6, n_test_videos=3, seed=0)
     for source in ("tv", "how2", "yc2"):
         extract_video_features(find_videos(data / "videos" / source), tmp_path / f"features_{source}",
-                               model_name="demo-vit", pretrained=None, model_config=DEMO_VIT, n_frames=8,
-                               num_workers=0, progress=False)
+                               model_name="demo-video-rn", pretrained=None, model_config=DEMO_TOWER, n_frames=8,
+                               num_workers=0, progress=False, calibrate_batchnorm=2)
     make_tiny_bart(tmp_path / "bart", video_texts(data / "ann"), steps=0, d_model=32, dropout=0.0)
     text = (ROOT / "recipes/vlbart/configs/demo_video.yaml").read_text().replace("runs/vlbart_video_demo", str(tmp_path))
     config = yaml.safe_load(text)

@@ -23,7 +23,8 @@ from data.video import (TINY_VIT_CONFIG, VALUE_SAMPLE_FPS, DecodedVideo, ValueFe
                         VideoFrames, VideoLoader, extract_video_features, find_videos, import_value_features,
                         load_clip_tower, main, preprocess_frames, read_frames, read_value_npz, resize_frames,
                         resized_size, sample_frame_indices)
-from data.video_demo import COLOURS, VideoScene, load_scenes, write_video, write_video_demo
+from data.video_demo import (COLOURS, DIRECTION_ANSWERS, VISIBILITY_ANSWERS, VideoScene, load_scenes, write_video,
+                             write_video_demo)
 from eval.cli import main as eval_main
 from eval.readers import read_value_captions, read_value_qa
 
@@ -297,6 +298,49 @@ def test_extraction_writes_one_entry_per_video_and_matches_the_tower(tmp_path, d
         extract_video_features(videos, store_dir, n_frames=8, num_workers=0, **TINY_KW)
 
 
+TINY_RN = "tiny_rn_video_test"
+TINY_RN_CONFIG = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8,
+                                                  "head_width": 32}}
+
+
+def test_batchnorm_calibration_of_a_random_resnet_tower(tmp_path, demo):
+    """calibrate_batchnorm=N: the BatchNorm statistics come from the frames of the first N videos (by id), sampled
+    and resized as extracted; the store records it, and it makes the frames' embeddings tell frames apart."""
+    from data.image_features import estimate_batchnorm_statistics
+
+    videos = dict(sorted(find_videos(demo["videos_tv"]).items()))
+    kw = dict(model_name=TINY_RN, pretrained=None, model_config=TINY_RN_CONFIG, n_frames=4, num_workers=0,
+              progress=False)
+    plain = FeatureStore(extract_video_features(videos, tmp_path / "plain", **kw).store)
+    report = extract_video_features(videos, tmp_path / "calibrated", calibrate_batchnorm=3, **kw)
+    calibrated = FeatureStore(report.store)
+    assert report.extracted == len(videos) and calibrated.metadata["calibrate_batchnorm"] == 3
+    assert "calibrate_batchnorm" not in plain.metadata
+
+    visual, mean, std = load_clip_tower(TINY_RN, None, "cpu", TINY_RN_CONFIG)
+    frames = [preprocess_frames(read_frames(p, n=4)[0], 64, "crop") for p in list(videos.values())[:3]]
+    pixels = (torch.cat(frames).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    estimate_batchnorm_statistics(visual, pixels)
+    for key, path in videos.items():
+        frames = preprocess_frames(read_frames(path, n=4)[0], 64, "crop").float() / 255
+        with torch.no_grad():
+            want = visual((frames - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+        torch.testing.assert_close(calibrated.get(key).float(), want.half().float(), atol=2e-3, rtol=2e-3)
+
+    def mean_cosine(store):
+        x = torch.cat([store.get(k).float() for k in store.ids()])
+        return F.cosine_similarity(x[:, None], x[None], dim=-1).mean().item()
+    assert mean_cosine(calibrated) < 0.8 < 0.95 < mean_cosine(plain)  # measured 0.58 and 0.998
+
+    with pytest.raises(ValueError, match="other settings"):  # a resume must calibrate the same way
+        extract_video_features(videos, tmp_path / "calibrated", calibrate_batchnorm=2, **kw)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        extract_video_features(videos, tmp_path / "vit", n_frames=4, num_workers=0, calibrate_batchnorm=2, **TINY_KW)
+    with pytest.raises(ValueError, match="random towers"):
+        extract_video_features(videos, tmp_path / "pretrained", model_name="RN50", pretrained="openai",
+                               calibrate_batchnorm=2, progress=False)
+
+
 def test_value_rate_extraction_frame_counts(tmp_path, demo):
     videos = dict(sorted(find_videos(demo["videos_yc2"]).items())[:2])
     report = extract_video_features(videos, tmp_path / "s", sample_fps=1.0, batch_size=64, num_workers=0,
@@ -497,6 +541,35 @@ def test_demo_questions_need_more_than_one_frame(demo):
             assert all(visible)
         else:
             assert not all(visible) and any(visible)
+
+
+def test_fixed_choices_list_every_answer_in_one_order(tmp_path):
+    """choices="fixed" (the demo's): each list is all the answers a source's videos can have, in the fixed order,
+    so the label names the answer; both colours are still among the choices, so the order of events decides."""
+    files = write_video_demo(tmp_path, n_train_videos=12, n_test_videos=0, seed=1, choices="fixed",
+                             question_kinds=("direction", "colour_after", "colour_before", "visibility"))
+    scenes = load_scenes(files["scenes"])
+    want = {5: {"colour": list(COLOURS)[:5], "vis": list(VISIBILITY_ANSWERS.values())},
+            4: {"colour": list(COLOURS)[:4], "vis": list(VISIBILITY_ANSWERS.values())[:4]}}
+    seen_answers = {5: set(), 4: set()}
+    for key, n in (("tvqa_train", 5), ("how2qa_train", 4)):
+        for line in Path(files[key]).read_text().splitlines():
+            r = json.loads(line)
+            scene, choices = scenes[r["vid_name"]], [r[f"a{i}"] for i in range(n)]
+            assert f"a{n}" not in r
+            seen_answers[n].add((r["q"].split(" the ")[0], r["answer_idx"]))
+            if "colour" in r["q"]:
+                assert choices == want[n]["colour"]
+                assert {scene.colour_before, scene.colour_after} <= set(choices)
+                assert choices[r["answer_idx"]] == (scene.colour_after if "turn" in r["q"] else scene.colour_before)
+            elif "seen" in r["q"]:
+                assert choices == want[n]["vis"] and choices[r["answer_idx"]] == VISIBILITY_ANSWERS[scene.visibility]
+            else:
+                assert choices[r["answer_idx"]] == DIRECTION_ANSWERS[scene.direction]
+                assert choices == list(DIRECTION_ANSWERS.values())[:n]
+    assert len(seen_answers[5]) > 8 and len(seen_answers[4]) > 8  # answers spread over the labels
+    with pytest.raises(ValueError, match="shuffled' or 'fixed"):
+        write_video_demo(tmp_path / "x", n_train_videos=1, n_test_videos=0, choices="sorted")
 
 
 def test_demo_videos_decode_and_move_as_annotated(demo):
