@@ -14,12 +14,6 @@ from .adapter import (
     read_adapter_config,
     save_adapter,
 )
-from .analysis import (
-    DecompositionDelta,
-    decomposition_delta,
-    dora_decomposition_delta,
-    model_decomposition_deltas,
-)
 from .layer import DoRALinear, factored_row_norm, squared_row_norm
 from .targeting import (
     DoRAReport,
@@ -35,6 +29,18 @@ from .targeting import (
     unload_dora,
     unmerge_dora,
 )
+
+# The analysis is imported on first use: `python -m dora.analysis` runs that module as __main__, and importing it
+# here first would give two copies of it (runpy warns).
+_ANALYSIS = ("DecompositionDelta", "decomposition_delta", "dora_decomposition_delta", "model_decomposition_deltas")
+
+
+def __getattr__(name):
+    if name in _ANALYSIS:
+        from . import analysis
+        return getattr(analysis, name)
+    raise AttributeError(f"module 'dora' has no attribute {name!r}")
+
 
 __all__ = [
     "AdapterError", "DecompositionDelta", "DoRALinear", "DoRAReport", "DoRARule", "DoRASpec", "TargetingError",
