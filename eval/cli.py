@@ -1,6 +1,7 @@
 """python -m eval generate --model DIR [--adapter DIR] --questions Q.jsonl --image-folder F --out answers.jsonl
    python -m eval score TASK --pred PREDICTIONS.jsonl --gt GROUND_TRUTH [--out results.json]
    python -m eval submit TASK --pred PREDICTIONS.jsonl --questions QUESTIONS --out FILE
+   python -m eval merge --questions Q.jsonl --out answers.jsonl PART0.jsonl ... PARTN-1.jsonl
    python -m eval tasks
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .answer_log import merge_shards
 from .captions import METRICS as CAPTION_METRICS
 from .files import InputError, check_writable, write_text
 from .submission import SUBMISSIONS
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a question file with a LLaVA model (needs torch)")
     from .generate import add_arguments  # imports no torch until it runs
     add_arguments(g)
+
+    m = sub.add_parser("merge", help="the answer files of `generate --shard i/N` runs, in the question file's order")
+    m.add_argument("parts", nargs="+", type=Path, help="the N answer files, in shard order (0/N first)")
+    m.add_argument("--questions", required=True, type=Path, help="the question file the shards answered")
+    m.add_argument("--out", required=True, type=Path)
     return parser
 
 
@@ -104,7 +111,11 @@ def main(argv=None) -> int:
             check_writable(args.out)  # before loading a model
             from .generate import run
             return run(args)
-        if args.command == "tasks":
+        if args.command == "merge":
+            check_writable(args.out)
+            n = merge_shards(args.questions, args.parts, args.out)
+            print(json.dumps({"answers": n, "file": str(args.out)}))
+        elif args.command == "tasks":
             print(_tasks_table())
         elif args.command == "score":
             if args.out:

@@ -3,19 +3,25 @@
     python -m eval generate --model MERGED_DIR --questions q.jsonl --image-folder images/ --out answers.jsonl
     python -m eval generate --model BASE_DIR --adapter RUN_DIR/adapter ...   # base + DoRA adapter (merged in memory)
     python -m eval generate ... --shard 0/4                                   # the first of 4 parts
+    python -m eval merge --questions q.jsonl --out answers.jsonl part0.jsonl part1.jsonl part2.jsonl part3.jsonl
 
 Questions are LLaVA's JSONL: {"question_id", "image" (optional), "text"}. Answers are LLaVA's answer-file
 format: {"question_id", "prompt", "text", "model_id"}, which `python -m eval score` reads. Decoding is greedy
-(temperature 0), as in the paper's evaluation.
+(temperature 0), as in the paper's evaluation, in batches of --batch-size questions, left-padded.
+
+Each batch's answers are appended to --out as soon as they are decoded; rerunning the same command after a crash
+continues where it stopped (eval/answer_log.py: what counts as "the same", and --restart).
 """
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data.conversation import render_prompt
 
-from .files import InputError, iter_jsonl, write_jsonl
+from .answer_log import AnswerLog, file_digest, parse_shard, read_questions, shard_of, weights_fingerprint
+from .files import InputError
 
 
 def load_model(model_dir: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
@@ -38,18 +44,22 @@ def load_model(model_dir: str, adapter: str | None = None, dtype: str = "auto", 
     return model, tokenizer, image_processor
 
 
-def read_questions(path: Path) -> list[dict]:
-    questions = []
-    for n, q in iter_jsonl(path):
-        if "question_id" not in q or "text" not in q:
-            raise InputError(f"{path}:{n}: a question needs 'question_id' and 'text'")
-        questions.append(q)
-    return questions
-
-
 def generate_answers(model, tokenizer, image_processor, questions: list[dict], image_folder: Path, *,
                      template: str = "vicuna_v1", batch_size: int = 16, max_new_tokens: int = 128,
                      image_aspect_ratio: str = "pad", model_id: str = "", progress: bool = True) -> list[dict]:
+    """Answers to `questions`, in order (see `answer_batches`)."""
+    return [a for batch in answer_batches(model, tokenizer, image_processor, questions, image_folder,
+                                          template=template, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                          image_aspect_ratio=image_aspect_ratio, model_id=model_id, progress=progress)
+            for a in batch]
+
+
+def answer_batches(model, tokenizer, image_processor, questions: list[dict], image_folder: Path, *,
+                   template: str = "vicuna_v1", batch_size: int = 16, max_new_tokens: int = 128,
+                   image_aspect_ratio: str = "pad", model_id: str = "", progress: bool = True,
+                   already_done: int = 0):
+    """Yields the answers of each batch of `batch_size` questions as soon as it is decoded (greedy, left-padded).
+    `already_done` only starts the progress bar there (the questions given are the ones still to answer)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -61,9 +71,9 @@ def generate_answers(model, tokenizer, image_processor, questions: list[dict], i
 
     def apply(messages, add_generation_prompt=True):  # used by the "chat" template only
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    answers = []
-    for start in tqdm(range(0, len(questions), batch_size), disable=not progress, desc="generate"):
-        batch = questions[start:start + batch_size]
+    def prepare(batch: list[dict]):
+        """Prompt ids (left-padded) and pixels of a batch, on the CPU: run in a thread while the model decodes the
+        batch before (images are read and resized off the critical path, as LLaVA's DataLoader workers do)."""
         rows, images = [], []
         for q in batch:
             has_image = bool(q.get("image"))
@@ -81,35 +91,58 @@ def generate_answers(model, tokenizer, image_processor, questions: list[dict], i
                     raise InputError(f"question {q['question_id']}: {e}") from None
         width = max(len(r) for r in rows)
         pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        pixel_values = torch.stack(images).to(device, dtype) if images else None
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=attention, pixel_values=pixel_values,
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        for q, text in zip(batch, texts):
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return input_ids, attention, torch.stack(images) if images else None
+
+    batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
+    bar = tqdm(total=already_done + len(questions), initial=already_done, disable=not progress, desc="generate",
+               unit="q")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        upcoming = pool.submit(prepare, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            input_ids, attention, pixels = upcoming.result()
+            upcoming = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
+            width = input_ids.shape[1]
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                     pixel_values=None if pixels is None else pixels.to(device, dtype),
+                                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             # "prompt" is the question text, as in LLaVA's answer files: TextVQA is matched on it
-            answers.append({"question_id": q["question_id"], "prompt": q["text"], "text": text.strip(),
-                            "model_id": model_id})
-    return answers
+            yield [{"question_id": q["question_id"], "prompt": q["text"], "text": text.strip(), "model_id": model_id}
+                   for q, text in zip(batch, texts)]
+            bar.update(len(batch))
+    bar.close()
+
+
+def run_settings(args) -> dict:
+    """What the answers depend on; a resumed run must match it (see eval/answer_log.py)."""
+    shard = parse_shard(args.shard)
+    return {"questions": str(args.questions), "questions_sha256": file_digest(args.questions),
+            "shard": list(shard) if shard else None, "model": str(args.model),
+            "model_files": weights_fingerprint(args.model), "adapter": args.adapter and str(args.adapter),
+            "adapter_files": weights_fingerprint(args.adapter), "image_folder": str(args.image_folder or "."),
+            "template": args.template, "max_new_tokens": args.max_new_tokens,
+            "image_aspect_ratio": args.image_aspect_ratio, "dtype": args.dtype}
 
 
 def run(args) -> int:
-    questions = read_questions(Path(args.questions))
-    if args.shard:
-        index, count = (int(x) for x in args.shard.split("/"))
-        if not 0 <= index < count:
-            raise InputError(f"--shard {args.shard}: expected i/n with 0 <= i < n")
-        questions = questions[index::count]
-    model, tokenizer, image_processor = load_model(args.model, args.adapter, args.dtype)
-    answers = generate_answers(model, tokenizer, image_processor, questions, Path(args.image_folder or "."),
-                               template=args.template, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, image_aspect_ratio=args.image_aspect_ratio,
-                               model_id=Path(args.model).name)
-    write_jsonl(args.out, answers)
-    print(json.dumps({"answers": len(answers), "file": str(args.out)}))
+    questions = shard_of(read_questions(Path(args.questions)), parse_shard(args.shard))
+    with AnswerLog(args.out, questions, run_settings(args), restart=args.restart) as log:
+        resumed = log.done
+        todo = questions[resumed:]
+        if todo:
+            model, tokenizer, image_processor = load_model(args.model, args.adapter, args.dtype)
+            for batch in answer_batches(model, tokenizer, image_processor, todo, Path(args.image_folder or "."),
+                                        template=args.template, batch_size=args.batch_size,
+                                        max_new_tokens=args.max_new_tokens,
+                                        image_aspect_ratio=args.image_aspect_ratio, model_id=Path(args.model).name,
+                                        already_done=resumed):
+                log.append(batch)
+        answered = log.done
+    print(json.dumps({"answers": answered, "resumed_after": resumed, "file": str(args.out)}))
     return 0
 
 
@@ -124,4 +157,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--image-aspect-ratio", default="pad", choices=["pad", "none"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    parser.add_argument("--shard", help="i/n: answer every n-th question starting at i (run n of them in parallel)")
+    parser.add_argument("--shard", help="i/n: answer every n-th question starting at i (run n of them in parallel, "
+                                        "then `python -m eval merge`)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start --out over instead of continuing the answers already in it")

@@ -48,7 +48,8 @@ def answer_and_score(model_dir: Path, root: Path, name: str) -> dict:
     answers = root / f"answers_{name}.jsonl"
     scores = root / f"scores_{name}.json"
     _eval(["generate", "--model", str(model_dir), "--questions", str(root / "data" / "eval_questions.jsonl"),
-           "--image-folder", str(root / "data" / "images"), "--out", str(answers), "--max-new-tokens", "8"])
+           "--image-folder", str(root / "data" / "images"), "--out", str(answers), "--max-new-tokens", "8",
+           "--restart"])  # a new run's model in the same folder: answer afresh
     _eval(["score", "vqav2", "--pred", str(answers), "--gt", str(root / "data" / "eval_annotations.json"),
            "--out", str(scores)])
     result = json.loads(scores.read_text())

@@ -1,0 +1,164 @@
+"""`eval generate` answer files: appended per batch, resumed after a kill -9, guarded against mixing runs, and
+shards merged back into the question file's order (eval/answer_log.py, eval/generate.py)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eval.answer_log import AnswerLog, merge_shards, read_completed, run_file
+from eval.cli import main as eval_main
+from eval.files import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def questions_file(path: Path, n: int, repeat_ids: bool = False) -> Path:
+    # TextVQA's LLaVA file repeats question ids: answers are matched by position
+    rows = [{"question_id": (k // 2 if repeat_ids else k), "text": f"question {k}?"} for k in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def answers(questions, start=0, stop=None):
+    return [{"question_id": q["question_id"], "prompt": q["text"], "text": f"answer {k}", "model_id": "m"}
+            for k, q in enumerate(questions[start:stop], start=start)]
+
+
+QS = [{"question_id": k // 2, "text": f"question {k}?"} for k in range(10)]
+SETTINGS = {"model": "m", "max_new_tokens": 8}
+
+
+def test_batches_are_appended_and_a_rerun_continues_after_them(tmp_path):
+    out = tmp_path / "a.jsonl"
+    with AnswerLog(out, QS, SETTINGS) as log:
+        assert log.done == 0
+        log.append(answers(QS, 0, 4))
+        assert len(out.read_text().splitlines()) == 4  # on disk before the next batch
+    assert json.loads(run_file(out).read_text()) == SETTINGS
+    with AnswerLog(out, QS, SETTINGS) as log:
+        assert log.done == 4
+        log.append(answers(QS, 4))
+    assert [json.loads(line) for line in out.read_text().splitlines()] == answers(QS)
+    with AnswerLog(out, QS, SETTINGS, restart=True) as log:
+        assert log.done == 0 and out.read_bytes() == b""
+
+
+def test_a_half_written_last_line_is_dropped(tmp_path):
+    out = tmp_path / "a.jsonl"
+    with AnswerLog(out, QS, SETTINGS) as log:
+        log.append(answers(QS, 0, 3))
+    whole = out.read_bytes()
+    out.write_bytes(whole + b'{"question_id": 1, "prom')  # killed mid-write
+    assert read_completed(out, QS) == 3 and out.read_bytes() == whole
+    with AnswerLog(out, QS, SETTINGS) as log:
+        assert log.done == 3
+
+
+def test_answers_of_another_run_are_not_continued(tmp_path):
+    out = tmp_path / "a.jsonl"
+    with AnswerLog(out, QS, SETTINGS) as log:
+        log.append(answers(QS, 0, 2))
+    with pytest.raises(InputError, match=r"another run \(max_new_tokens differ"):
+        AnswerLog(out, QS, {**SETTINGS, "max_new_tokens": 16}).open()
+    other = [{**q, "text": q["text"].upper()} for q in QS]
+    with pytest.raises(InputError, match=r"a\.jsonl:1: answer for question 0 where question 0 comes next"):
+        AnswerLog(out, other, SETTINGS).open()  # same ids, other questions: the prompt tells
+    with pytest.raises(InputError, match="more answers than questions"):
+        AnswerLog(out, QS[:1], SETTINGS).open()
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n{not json\n")
+    with pytest.raises(InputError, match=r"a\.jsonl:2: not valid JSON"):
+        AnswerLog(out, QS, SETTINGS).open()
+    foreign = tmp_path / "b.jsonl"
+    foreign.write_text("{}\n")
+    with pytest.raises(InputError, match="not written by `eval generate`"):
+        AnswerLog(foreign, QS, SETTINGS).open()
+
+
+def test_shards_merge_into_the_question_order(tmp_path):
+    qfile = questions_file(tmp_path / "q.jsonl", 10, repeat_ids=True)
+    parts = []
+    from eval.answer_log import file_digest, shard_of
+    for i in range(3):
+        part = tmp_path / f"part{i}.jsonl"
+        mine = shard_of(QS, (i, 3))
+        with AnswerLog(part, mine, {"shard": [i, 3], "questions_sha256": file_digest(qfile)}) as log:
+            log.append([{**a, "text": q["text"]} for a, q in zip(answers(mine), mine)])
+        parts.append(part)
+    assert eval_main(["merge", "--questions", str(qfile), "--out", str(tmp_path / "all.jsonl"), *map(str, parts)]) == 0
+    merged = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert [a["text"] for a in merged] == [q["text"] for q in QS]  # every answer back at its question
+    with pytest.raises(InputError, match="list the parts in shard order"):
+        merge_shards(qfile, [parts[1], parts[0], parts[2]], tmp_path / "x.jsonl")
+    lines = parts[2].read_text().splitlines()
+    parts[2].write_text(lines[0] + "\n")
+    with pytest.raises(InputError, match=r"part2\.jsonl: 1 of its 3 answers; finish it first"):
+        merge_shards(qfile, parts, tmp_path / "x.jsonl")
+
+
+@pytest.fixture(scope="module")
+def llava_dir(llava_assets, tmp_path_factory):
+    import torch
+
+    from recipes.llava.model import LlavaModelConfig, build_llava
+
+    torch.manual_seed(0)
+    model, tokenizer, image_processor = build_llava(LlavaModelConfig(
+        llm=str(llava_assets["llm"]), vision_tower=str(llava_assets["vision"]),
+        projector=str(llava_assets["projector"]), dtype="fp32"))
+    out = tmp_path_factory.mktemp("llava_model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    return out
+
+
+def test_kill_9_loses_at_most_the_batch_being_decoded(llava_assets, llava_dir, tmp_path):
+    """A real `eval generate` killed with SIGKILL mid-run, rerun with the same command: the answers equal those of
+    a run that was never interrupted. 240 questions (ids repeating), batches of 2."""
+    base = [json.loads(line) for line in Path(llava_assets["questions"]).read_text().splitlines()]
+    qfile = tmp_path / "q.jsonl"
+    rows = [{**base[k % len(base)], "question_id": base[k % len(base)]["question_id"]} for k in range(240)]
+    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+    def command(out):
+        return [sys.executable, "-m", "eval", "generate", "--model", str(llava_dir), "--questions", str(qfile),
+                "--image-folder", str(llava_assets["images"]), "--out", str(out), "--max-new-tokens", "4",
+                "--batch-size", "2"]
+
+    killed = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if killed.is_file() and killed.read_bytes().count(b"\n") >= 20:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "generation finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = killed.read_bytes().count(b"\n")
+    assert 20 <= kept < 240
+
+    resumed = subprocess.run(command(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert report["answers"] == 240 and report["resumed_after"] >= kept - 1  # a torn last line may be dropped
+
+    reference = tmp_path / "reference.jsonl"
+    done = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert killed.read_text() == reference.read_text()
+    # the same command once more: nothing left to answer, the model is not even loaded
+    again = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["resumed_after"] == 240
+    # a model saved again to the same folder is another model: its answers must not continue these
+    (llava_dir / "config.json").touch()
+    os.utime(llava_dir / "config.json", ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 2 and "model_files differ" in changed.stderr
