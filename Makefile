@@ -36,6 +36,7 @@ bench-all: $(STAMP)
 	$(PY) bench/vlbart_step.py
 	$(PY) bench/features.py
 	$(PY) bench/video.py
+	$(PY) bench/generate.py
 
 bench-quick: $(STAMP)
 	$(PY) bench/dora_layer.py --quick
