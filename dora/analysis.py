@@ -459,10 +459,16 @@ def main(argv=None) -> int:
     summary = {}
     for method, group in by_method(rows).items():
         f = fit(group)
-        summary[method] = {"slope": f.slope, "correlation": f.correlation, "points": f.points,
-                           "steps": sorted({r.step for r in group}), "modules": len({r.module for r in group})}
+        steps = sorted({r.step for r in group})
+        # across steps both deltas grow with training; within one step the layers alone set the slope
+        per_step = {s: fit([r for r in group if r.step == s]) for s in steps}
+        summary[method] = {"slope": f.slope, "correlation": f.correlation, "points": f.points, "steps": steps,
+                           "modules": len({r.module for r in group}),
+                           "per_step": {str(s): {"slope": p.slope, "correlation": p.correlation}
+                                        for s, p in per_step.items()}}
         print(f"{method:>6}: slope {f.slope:.4g}  correlation {f.correlation:.3f}  ({f.points} points: "
-              f"{summary[method]['modules']} modules x {len(summary[method]['steps'])} steps)")
+              f"{summary[method]['modules']} modules x {len(steps)} steps); within each step: "
+              + ", ".join(f"{s}: {p.slope:.3g} (r {p.correlation:.2f})" for s, p in per_step.items()))
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out / 'decomposition.csv'}, {out / 'decomposition.png'}, {out / 'summary.json'}")
     return 0

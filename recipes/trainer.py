@@ -63,10 +63,17 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int = 0  # a resumable checkpoint every N optimizer steps (0: none)
     save_total_limit: int = 2
+    snapshot_steps: list = field(default_factory=list)  # optimizer steps to write snapshots/step_N/ at, for
+    # `python -m dora.analysis`: the adapter only (DoRA: ours; PEFT LoRA: PEFT's), else the trained weights
     pause_at_step: Optional[int] = None  # checkpoint and stop at this step, schedule unchanged (time-sliced jobs)
     resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | none | a checkpoint directory
     max_skip_rate: float = 0.01  # stop when more than this share of an epoch's samples was skipped as unusable
     skip_check_after: int = 1000  # ... checked once this many samples of the epoch were read, and at its end
+
+    def __post_init__(self):
+        bad = [s for s in self.snapshot_steps if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+        if bad:
+            raise ConfigError(f"train.snapshot_steps must be optimizer steps (integers >= 1), not {bad}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -531,6 +538,8 @@ class Trainer:
                 window_loss, window_batches, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
                 step = self.engine.global_steps
                 pause = cfg.pause_at_step is not None and step == cfg.pause_at_step and step < self.total_steps
+                if step in cfg.snapshot_steps:
+                    self.save_snapshot(step)
                 if (cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps) or pause:
                     self.save_checkpoint(epoch, micro)
                 if pause:
@@ -554,6 +563,41 @@ class Trainer:
         leave_process_group()
 
     # ------------------------------------------------------------------------------------------- saving
+    def save_snapshot(self, step: int) -> Path:
+        """What training changed so far, into output_dir/snapshots/step_N/, for `python -m dora.analysis` (which
+        reads it against the base model): a model adapted by `dora` writes its adapter (dora_config.json +
+        dora_adapter.safetensors), one with PEFT LoRA layers a PEFT adapter (adapter_config.json +
+        adapter_model.safetensors), any other model its trainable parameters as model.safetensors. No optimizer
+        state: a snapshot is not a checkpoint to resume from. A collective: every rank calls it."""
+        from safetensors.torch import save_file
+
+        from dora import adapter_state_dict, dora_modules, save_adapter
+        from dora.adapter import PEFT_PREFIX, PEFT_WEIGHTS_NAME
+
+        module = self.engine.module
+        path = self.output_dir / "snapshots" / f"step_{step}"
+        adapted = bool(dora_modules(module))
+        params = adapter_state_dict(module) if adapted else \
+            {n: p for n, p in module.named_parameters() if p.requires_grad}
+        state = self.full_fp32_state(params)
+        if self.is_main:
+            peft_config = getattr(module, "peft_config", None)
+            if adapted:
+                save_adapter(module, path, metadata={"step": step}, state_dict=state)
+            elif peft_config:
+                # PEFT's file names: the adapter name leaves the key, the base model's wrapper prefix joins it
+                tensors = {PEFT_PREFIX + re.sub(r"\.(lora_[AB]|lora_magnitude_vector)\.default(?=\.|$)", r".\1", n)
+                           .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): t
+                           for n, t in state.items()}
+                path.mkdir(parents=True, exist_ok=True)
+                save_file(tensors, str(path / PEFT_WEIGHTS_NAME), metadata={"format": "pt", "step": str(step)})
+                peft_config["default"].save_pretrained(str(path))
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+        dist.barrier()
+        return path
+
     def full_fp32_state(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """The full fp32 values of parameters, from DeepSpeed's master copies where it keeps them (bf16/fp16
         training, ZeRO partitions): saving the bf16 module copy would round magnitudes to 0.4 %. A collective:

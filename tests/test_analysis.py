@@ -4,6 +4,7 @@ import copy
 import csv
 import json
 import math
+import os
 import weakref
 
 import pytest
@@ -228,3 +229,123 @@ def test_streams_one_layer_at_a_time(tmp_path, monkeypatch):
     assert most[0] <= 4  # W0 + A + B + m of one layer
     # only what the selected layers need: no k_proj, no head, no layers 3-7
     assert all(any(f"layers.{i}." in k for i in range(3)) and ("q_proj" in k or "v_proj" in k) for k in reads)
+
+
+
+SNAPSHOT_SCRIPT = r'''
+import sys
+sys.path[:0] = [ROOT, ROOT + "/tests"]
+import torch
+from safetensors.torch import save_file
+from recipes.trainer import TrainConfig, Trainer
+from dora import apply_dora, adapter_state_dict
+from test_analysis import Tiny
+
+torch.manual_seed(0)
+model = Tiny()
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{TMP}/base.safetensors")
+apply_dora(model, [{"match": r"layers\.\d+\.(q|v)_proj", "rank": 2, "alpha": 4}], verbose=False)
+data = [torch.randn(12) for _ in range(16)]
+config = TrainConfig(output_dir=f"{TMP}/dora", max_steps=3, micro_batch_size=4, global_batch_size=4, lr=1e-2,
+                     deepspeed="launch/zero2.json", resume="none", snapshot_steps=[1, 3])
+
+def loss_fn(engine, batch):
+    h = batch["x"]
+    for block in engine.module.layers:
+        h = block.q_proj(h) + block.v_proj(h) + block.k_proj(h)
+    return engine.module.head(h).pow(2).mean(), 1
+
+trainer = Trainer(config, model, data, lambda xs: {"x": torch.stack(xs)}, loss_fn, hidden_size=12)
+trainer.train()
+save_file({k: v.detach().contiguous() for k, v in adapter_state_dict(model).items()}, f"{TMP}/dora_final.safetensors")
+trainer.close()
+print("ok")
+'''
+
+
+def test_trainer_writes_adapter_snapshots_at_the_chosen_steps(tmp_path):
+    """train.snapshot_steps, in the real loop under DeepSpeed: our adapter at steps 1 and 3, the last equal to the
+    trained adapter, each read by the analysis with its step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", f"ROOT = {str(root)!r}\nTMP = {str(tmp_path)!r}\n" + SNAPSHOT_SCRIPT],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    snaps = tmp_path / "dora" / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["step_1", "step_3"]
+    final = load_file(tmp_path / "dora_final.safetensors")
+    snap = load_file(snaps / "step_3" / "dora_adapter.safetensors")
+    assert set(final) == set(snap) and all(torch.equal(final[k], snap[k]) for k in final)
+    rows = analyse(tmp_path / "base.safetensors", [snaps / "step_1", snaps / "step_3"])
+    assert {(r.method, r.step) for r in rows} == {("DoRA", 1), ("DoRA", 3)} and len(rows) == 12
+    assert all(r.delta_d > 0 for r in rows if r.step == 3)
+
+
+class _SnapshotTrainer:
+    """What Trainer.save_snapshot uses of a trainer, without a process group (tested in the real loop above)."""
+
+    def __init__(self, module, output_dir):
+        from types import SimpleNamespace
+        self.engine = SimpleNamespace(module=module)
+        self.output_dir = output_dir
+        self.is_main = True
+
+    @staticmethod
+    def full_fp32_state(params):
+        return {n: p.detach().float().clone() for n, p in params.items()}
+
+
+def test_snapshots_of_peft_lora_and_full_fine_tuning(tmp_path, monkeypatch):
+    """A PEFT LoRA model is snapshotted as a PEFT adapter, any other model as its trainable weights; the analysis
+    reads both with their steps and finds the same numbers as from the models themselves."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from recipes import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.dist, "barrier", lambda: None)
+    torch.manual_seed(0)
+    base = Tiny()
+    _save_weights(base, tmp_path / "base.safetensors")
+    lora = inject_adapter_in_model(LoraConfig(target_modules=r".*\.(q|v)_proj", r=2, lora_alpha=4),
+                                   copy.deepcopy(base))
+    full = copy.deepcopy(base)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            p.requires_grad_("lora_" in n)
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+        for p in full.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    lora_dir = trainer_module.Trainer.save_snapshot(_SnapshotTrainer(lora, tmp_path / "lora"), 5)
+    full_dir = trainer_module.Trainer.save_snapshot(_SnapshotTrainer(full, tmp_path / "full"), 7)
+    assert lora_dir == tmp_path / "lora" / "snapshots" / "step_5" and (lora_dir / "adapter_config.json").is_file()
+    assert (full_dir / "model.safetensors").is_file()
+    rows = analyse(tmp_path / "base.safetensors", [lora_dir, full_dir])
+    assert {(r.method, r.step) for r in rows} == {("LoRA", 5), ("FT", 7)} and len(rows) == 12
+    for r in rows:
+        model = lora if r.method == "LoRA" else full
+        layer = model.get_submodule(r.module)
+        if r.method == "LoRA":
+            w = layer.get_base_layer().weight + layer.scaling["default"] * (
+                layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+        else:
+            w = layer.weight
+        want = decomposition_delta(w.detach(), base.get_submodule(r.module).weight.detach())
+        assert r.delta_m == pytest.approx(want.magnitude, rel=1e-5) and r.delta_d == pytest.approx(want.direction,
+                                                                                                    rel=1e-4)
+
+
+def test_snapshot_steps_must_be_positive_integers():
+    from recipes.config import ConfigError
+    from recipes.trainer import TrainConfig
+
+    assert TrainConfig(output_dir="x", snapshot_steps=[10, 20]).snapshot_steps == [10, 20]
+    for bad in ([0], ["10"], [2.5]):
+        with pytest.raises(ConfigError, match="snapshot_steps"):
+            TrainConfig.from_dict({"output_dir": "x", "snapshot_steps": bad})
