@@ -258,6 +258,8 @@ def mean_std(values):
 
 
 def experiment(args) -> dict:
+    import torch
+    torch.set_num_threads(1)
     out = Path(args.out)
     base = out / "base"
     if not (base / "model.safetensors").is_file():
@@ -265,15 +267,27 @@ def experiment(args) -> dict:
         print(f"base: {info}", flush=True)
     load = os.getloadavg()
     t_start = time.perf_counter()
-    chosen, results = {}, {}
+    chosen, results, searched = {}, {}, {}
     for method in ("full", "lora", "dora"):
         search = [run_one(out, base, method, lr, args.seeds[0], args.steps) for lr in LRS[method]]
         best = max(search, key=lambda r: (r["val_accuracy"], -r["final_loss"]))
+        # a best rate at the edge of the grid: one more rate beyond it, as many times as it stays the best
+        for _ in range(3):
+            lrs = sorted(r["lr"] for r in search)
+            if best["lr"] not in (lrs[0], lrs[-1]):
+                break
+            step = lrs[-1] / lrs[-2] if best["lr"] == lrs[-1] else lrs[0] / lrs[1]
+            search.append(run_one(out, base, method, float(f"{best['lr'] * step:.3g}"), args.seeds[0], args.steps))
+            best = max(search, key=lambda r: (r["val_accuracy"], -r["final_loss"]))
+        searched[method] = {r["lr"]: r["val_accuracy"] for r in search}
         chosen[method] = best["lr"]
         results[method] = [run_one(out, base, method, best["lr"], s, args.steps) for s in args.seeds]
-    dropout = {mode: [run_one(out, base, "dora", chosen["dora"], s, args.steps, 0.05, mode) for s in args.seeds]
-               for mode in ("exact", "lora-branch")}
-    lora_dropout = [run_one(out, base, "lora", chosen["lora"], s, args.steps, 0.05) for s in args.seeds]
+    # the two dropout forms alternate seed by seed, so that a change of machine load falls on both alike
+    dropout, lora_dropout = {"exact": [], "lora-branch": []}, []
+    for s in args.seeds:
+        for mode in dropout:
+            dropout[mode].append(run_one(out, base, "dora", chosen["dora"], s, args.steps, 0.05, mode))
+        lora_dropout.append(run_one(out, base, "lora", chosen["lora"], s, args.steps, 0.05))
 
     # the analysis of the first seed's runs, from their snapshots
     analysis_dir = out / "analysis"
@@ -312,7 +326,7 @@ def experiment(args) -> dict:
               row("DoRA, dropout 0.05 exact", dropout["exact"]),
               row("DoRA, dropout 0.05 lora-branch", dropout["lora-branch"])]
     summary = {"setting": {"steps": args.steps, "batch": 32, "seeds": args.seeds, "rank": RANK, "alpha": 2 * RANK,
-                           "target": TARGET, "lr_grid": LRS, "chosen_lr": chosen, "threads": 1,
+                           "target": TARGET, "lr_grid": LRS, "val_accuracy_by_lr": searched, "chosen_lr": chosen, "threads": 1,
                            "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                            "wall_seconds": time.perf_counter() - t_start},
                "base": json.loads((base / "pretrain.json").read_text()),
@@ -324,6 +338,71 @@ def experiment(args) -> dict:
               f"{r['ms_per_step_mean']:>7.1f} ± {r['ms_per_step_std']:<4.1f} {r['trainable_parameters']:>10,}")
     print(f"summary: {out / 'summary.json'}; figure: {analysis_dir / 'decomposition.png'}")
     return summary
+
+
+TIMED = {"LoRA": ("lora", 0.0, "exact"), "LoRA, dropout 0.05": ("lora", 0.05, "exact"),
+         "DoRA": ("dora", 0.0, "exact"), "DoRA, dropout 0.05 exact": ("dora", 0.05, "exact"),
+         "DoRA, dropout 0.05 lora-branch": ("dora", 0.05, "lora-branch")}
+
+
+def time_steps(args) -> dict:
+    """Training-step time of each variant in one process, the variants taking turns round by round (so that the
+    load of a shared machine falls on all of them alike); median over rounds, and the ratio to LoRA's. A plain
+    torch AdamW step (forward, backward, step) on the experiment's batches: what differs is the layers."""
+    import statistics
+
+    import torch
+    torch.set_num_threads(1)
+    from transformers import BartForConditionalGeneration
+
+    from recipes.vlbart.train import adapt
+
+    data = splits()["train"]
+    variants = {}
+    for name, (method, dropout, mode) in TIMED.items():
+        torch.manual_seed(0)
+        model = BartForConditionalGeneration.from_pretrained(args.base)
+        cfg = {"method": method}
+        if method == "dora":
+            cfg["dora"] = {"rules": [{"match": TARGET, "rank": RANK, "alpha": 2 * RANK, "dropout": dropout,
+                                      "dropout_mode": mode, "detach_norm": True}]}
+        else:
+            cfg["lora"] = {"target": TARGET, "rank": RANK, "alpha": 2 * RANK, "dropout": dropout}
+        adapt(model, cfg)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        variants[name] = (model, opt)
+    batches = [encode(data[i: i + 32]) for i in range(0, 32 * 20, 32)]
+
+    def run(name, n):
+        model, opt = variants[name]
+        t0 = time.perf_counter()
+        for i in range(n):
+            model(**batches[i % len(batches)]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return (time.perf_counter() - t0) / n
+
+    for name in variants:
+        run(name, 20)  # warm-up
+    times = {name: [] for name in variants}
+    load = os.getloadavg()
+    for r in range(args.rounds):
+        order = list(variants)[r % len(variants):] + list(variants)[: r % len(variants)]
+        for name in order:
+            times[name].append(run(name, args.steps_per_round))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    result = {"rounds": args.rounds, "steps_per_round": args.steps_per_round, "threads": 1,
+              "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
+              "ms_per_step_median": {n: m * 1000 for n, m in median.items()},
+              "ratio_to_lora": {n: m / median["LoRA"] for n, m in median.items()},
+              "ms_per_step_rounds": {n: [round(t * 1000, 3) for t in ts] for n, ts in times.items()}}
+    for n in variants:
+        print(f"{n:<32} {median[n] * 1000:7.2f} ms/step  {median[n] / median['LoRA']:.3f}x LoRA")
+    print(f"load average {load} -> {result['load_average_at_end']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def main(argv=None) -> int:
@@ -338,12 +417,19 @@ def main(argv=None) -> int:
     t.add_argument("--steps", type=int, default=STEPS)
     t.add_argument("--dropout", type=float, default=0.0)
     t.add_argument("--dropout-mode", default="exact")
+    tm = sub.add_parser("time", help="step time of LoRA and the DoRA dropout forms, interleaved in one process")
+    tm.add_argument("--base", default="runs/decomposition/base")
+    tm.add_argument("--rounds", type=int, default=15)
+    tm.add_argument("--steps-per-round", type=int, default=30)
+    tm.add_argument("--json", default=None)
     parser.add_argument("--out", default="runs/decomposition")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args)
+    elif args.command == "time":
+        time_steps(args)
     else:
         experiment(args)
     return 0

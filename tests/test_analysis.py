@@ -349,3 +349,24 @@ def test_snapshot_steps_must_be_positive_integers():
     for bad in ([0], ["10"], [2.5]):
         with pytest.raises(ConfigError, match="snapshot_steps"):
             TrainConfig.from_dict({"output_dir": "x", "snapshot_steps": bad})
+
+
+def test_sharded_base_and_prefixed_names(tmp_path):
+    """A base in shards (model.safetensors.index.json) whose names carry a prefix the adapter's do not."""
+    base, model = _trained_dora()
+    state = {f"backbone.{k}": v.contiguous() for k, v in base.state_dict().items()}
+    keys = sorted(state)
+    (tmp_path / "base").mkdir()
+    shards = {"model-1.safetensors": keys[: len(keys) // 2], "model-2.safetensors": keys[len(keys) // 2:]}
+    for file, names in shards.items():
+        save_file({k: state[k] for k in names}, str(tmp_path / "base" / file))
+    index = {"metadata": {}, "weight_map": {k: f for f, names in shards.items() for k in names}}
+    (tmp_path / "base" / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_adapter(model, tmp_path / "ours")
+    rows = {r.module: r for r in analyse(tmp_path / "base", [tmp_path / "ours"])}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "DoRALinear":
+            d = dora_decomposition_delta(m)
+            assert rows[name].delta_m == pytest.approx(d.magnitude, rel=1e-5)
+            assert rows[name].delta_d == pytest.approx(d.direction, rel=1e-4)
+    assert len(rows) == 6
