@@ -298,18 +298,29 @@ def experiment(args) -> dict:
             snap = out / "runs" / tag / "snapshots" / f"step_{step}"
             if snap.is_dir():
                 checkpoints.append(f"{NAMES[method]}={snap}")
-    slopes = {}
-    for label, modules in (("query+value", ANALYSED), ("query", ANALYSED.replace("(q|v)", "q").replace(
-            "self_attn\\.v_proj|", "")), ("value", ANALYSED.replace("(q|v)", "v"))):
-        where = analysis_dir if label == "query+value" else analysis_dir / label
-        cmd = [sys.executable, "-m", "dora.analysis", "--base", str(base), "--checkpoints", *checkpoints,
-               "--modules", modules, "--out", str(where),
-               "--title", f"tiny BART, neighbour questions on held-out scenes: {label} projections"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(proc.stderr[-3000:])
-        print(f"{label}:\n{proc.stdout}", flush=True)
-        slopes[label] = json.loads((where / "summary.json").read_text())
+    module_sets = (("query+value", ANALYSED), ("query", ANALYSED.replace("(q|v)", "q").replace(
+        "self_attn\\.v_proj|", "")), ("value", ANALYSED.replace("(q|v)", "v")))
+
+    def analyse_runs(checkpoints, where, title):
+        slopes = {}
+        for label, modules in module_sets:
+            sub = where if label == "query+value" else where / label
+            cmd = [sys.executable, "-m", "dora.analysis", "--base", str(base), "--checkpoints", *checkpoints,
+                   "--modules", modules, "--out", str(sub), "--title", f"{title}: {label} projections"]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(proc.stderr[-3000:])
+            print(f"{label}:\n{proc.stdout}", flush=True)
+            slopes[label] = json.loads((sub / "summary.json").read_text())
+        return slopes
+
+    slopes = analyse_runs(checkpoints, analysis_dir, "tiny BART, neighbour questions on held-out scenes")
+    # DoRA at LoRA's rate as well: is DoRA's pattern its own, or that of its higher rate?
+    lora_lr, seed = chosen["lora"], args.seeds[0]
+    same_lr = [f"{NAMES[m]}={out / 'runs' / f'{m}_lr{lora_lr:g}_s{seed}' / 'snapshots' / f'step_{s}'}"
+               for m in ("lora", "dora") for s in snapshot_steps(args.steps)]
+    slopes_same_lr = analyse_runs(same_lr, out / "analysis_same_lr", f"LoRA and DoRA at lr {chosen['lora']:g}")
+    step_time = time_steps(argparse.Namespace(base=str(base), rounds=15, steps_per_round=30, json=None))
 
     def row(name, runs):
         acc = mean_std([r["test_accuracy"] * 100 for r in runs])
@@ -330,8 +341,17 @@ def experiment(args) -> dict:
                            "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                            "wall_seconds": time.perf_counter() - t_start},
                "base": json.loads((base / "pretrain.json").read_text()),
-               "table": table, "slopes": slopes}
+               "table": table, "slopes": slopes, "slopes_dora_at_lora_lr": slopes_same_lr, "step_time": step_time,
+               "runs": {p.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "table"}
+                        for p in sorted((out / "runs").glob("*/result.json"))}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if args.results:
+        Path(args.results).write_text(json.dumps(summary, indent=1) + "\n")
+    if args.figures:
+        import shutil
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
+        shutil.copy(analysis_dir / "decomposition.png", Path(args.figures) / "decomposition.png")
+        shutil.copy(analysis_dir / "query" / "decomposition.png", Path(args.figures) / "decomposition_query.png")
     print(f"{'method':<32} {'lr':>7} {'test acc %':>16} {'ms/step':>12} {'trainable':>10}")
     for r in table:
         print(f"{r['name']:<32} {r['lr']:>7g} {r['test_accuracy_mean']:>8.1f} ± {r['test_accuracy_std']:<5.1f} "
@@ -343,6 +363,12 @@ def experiment(args) -> dict:
 TIMED = {"LoRA": ("lora", 0.0, "exact"), "LoRA, dropout 0.05": ("lora", 0.05, "exact"),
          "DoRA": ("dora", 0.0, "exact"), "DoRA, dropout 0.05 exact": ("dora", 0.05, "exact"),
          "DoRA, dropout 0.05 lora-branch": ("dora", 0.05, "lora-branch")}
+
+
+def _paired(a, b) -> dict:
+    import statistics
+    ratios = [x / y for x, y in zip(a, b)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def time_steps(args) -> dict:
@@ -396,9 +422,15 @@ def time_steps(args) -> dict:
               "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
               "ms_per_step_median": {n: m * 1000 for n, m in median.items()},
               "ratio_to_lora": {n: m / median["LoRA"] for n, m in median.items()},
+              # paired within each round (the same load for both): median and range of the per-round ratios
+              "paired_ratio_exact_to_lora_branch": _paired(times["DoRA, dropout 0.05 exact"],
+                                                           times["DoRA, dropout 0.05 lora-branch"]),
+              "paired_ratio_to_lora": {n: _paired(t, times["LoRA"]) for n, t in times.items()},
               "ms_per_step_rounds": {n: [round(t * 1000, 3) for t in ts] for n, ts in times.items()}}
     for n in variants:
         print(f"{n:<32} {median[n] * 1000:7.2f} ms/step  {median[n] / median['LoRA']:.3f}x LoRA")
+    p = result["paired_ratio_exact_to_lora_branch"]
+    print(f"exact / lora-branch, paired by round: median {p['median']:.3f} (range {p['min']:.2f}-{p['max']:.2f})")
     print(f"load average {load} -> {result['load_average_at_end']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -425,6 +457,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/decomposition")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--results", default=None, help="also write the summary here (bench/results_*.json)")
+    parser.add_argument("--figures", default=None, help="copy the two figures into this directory (docs/)")
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args)
