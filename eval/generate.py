@@ -24,20 +24,37 @@ from .answer_log import AnswerLog, file_digest, parse_shard, read_questions, sha
 from .files import InputError
 
 
-def load_model(model_dir: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
+def _load(model_class, model_dir: str, adapter: str | None, dtype: str, device: str | None):
     import torch
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     else:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    model = model_class.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
     if adapter:
         from dora import load_adapter, merge_dora
         load_adapter(model, adapter)
         merge_dora(model)  # one GEMM per layer at inference
+    return model
+
+
+def load_processor_model(model_dir: str, adapter: str | None = None, dtype: str = "auto",
+                         device: str | None = None):
+    """Any image-text-to-text model and its processor (the generic recipe's models: recipes/vlm)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = _load(AutoModelForImageTextToText, model_dir, adapter, dtype, device)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def load_model(model_dir: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    model = _load(LlavaForConditionalGeneration, model_dir, adapter, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
@@ -117,6 +134,57 @@ def answer_batches(model, tokenizer, image_processor, questions: list[dict], ima
     bar.close()
 
 
+def processor_answer_batches(model, processor, questions: list[dict], image_folder: Path, *, batch_size: int = 16,
+                             max_new_tokens: int = 128, model_id: str = "", progress: bool = True,
+                             already_done: int = 0):
+    """As `answer_batches`, for any image-text-to-text model: each question becomes a user message (an image item,
+    then the text) rendered by the processor's chat template with the generation prompt; the processor makes
+    every input its model needs. Greedy, left-padded."""
+    import torch
+    from tqdm.auto import tqdm
+    from PIL import Image
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+
+    def prepare(batch: list[dict]):
+        texts, images = [], []
+        for q in batch:
+            content = [{"type": "text", "text": q["text"]}]
+            row = []
+            if q.get("image"):
+                content.insert(0, {"type": "image"})
+                try:
+                    with Image.open(Path(image_folder) / q["image"]) as im:
+                        row.append(im.convert("RGB"))
+                except Exception as e:
+                    raise InputError(f"question {q['question_id']}: image {q['image']}: {e}") from None
+            texts.append(processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                       add_generation_prompt=True))
+            images.append(row)
+        return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
+
+    batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
+    bar = tqdm(total=already_done + len(questions), initial=already_done, disable=not progress, desc="generate",
+               unit="q")
+    tokenizer = processor.tokenizer
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        upcoming = pool.submit(prepare, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            inputs = upcoming.result()
+            upcoming = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
+            inputs = {key: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for key, v in inputs.items()}
+            width = inputs["input_ids"].shape[1]
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            yield [{"question_id": q["question_id"], "prompt": q["text"], "text": text.strip(), "model_id": model_id}
+                   for q, text in zip(batch, texts)]
+            bar.update(len(batch))
+    bar.close()
+
+
 def run_settings(args) -> dict:
     """What the answers depend on; a resumed run must match it (see eval/answer_log.py)."""
     shard = parse_shard(args.shard)
@@ -133,7 +201,13 @@ def run(args) -> int:
     with AnswerLog(args.out, questions, run_settings(args), restart=args.restart) as log:
         resumed = log.done
         todo = questions[resumed:]
-        if todo:
+        if todo and args.template == "processor":
+            model, processor = load_processor_model(args.model, args.adapter, args.dtype)
+            for batch in processor_answer_batches(model, processor, todo, Path(args.image_folder or "."),
+                                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                                  model_id=Path(args.model).name, already_done=resumed):
+                log.append(batch)
+        elif todo:
             model, tokenizer, image_processor = load_model(args.model, args.adapter, args.dtype)
             for batch in answer_batches(model, tokenizer, image_processor, todo, Path(args.image_folder or "."),
                                         template=args.template, batch_size=args.batch_size,
@@ -147,12 +221,14 @@ def run(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="a transformers LLaVA checkpoint (merged, or the base)")
+    parser.add_argument("--model", required=True, help="a transformers checkpoint (merged, or the base)")
     parser.add_argument("--adapter", help="a DoRA adapter directory to apply to --model")
     parser.add_argument("--questions", required=True, help="LLaVA question JSONL: question_id, image, text")
     parser.add_argument("--image-folder", help="folder the questions' image paths are relative to")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "plain", "chat"])
+    parser.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "plain", "chat", "processor"],
+                        help="LLaVA's conversation templates for LLaVA checkpoints; processor: any image-text-to-text "
+                             "model through its processor's chat template (models of recipes/vlm)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--image-aspect-ratio", default="pad", choices=["pad", "none"])

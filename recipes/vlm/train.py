@@ -1,0 +1,145 @@
+"""DoRA visual instruction tuning of any transformers image-text-to-text model, under DeepSpeed.
+
+    deepspeed recipes/vlm/train.py CONFIG.yaml [key=value ...]
+    bash launch/vlm_dora.sh CONFIG.yaml [key=value ...]
+
+The model is a checkpoint folder that AutoModelForImageTextToText and AutoProcessor load (LLaVA-NeXT, Qwen2-VL,
+Idefics3 / SmolVLM, Gemma 3, ...); the data is LLaVA's conversation format (data/vlm_chat.py); the dora: section
+is what `python -m recipes.inspect MODEL` proposes. The model's own forward does everything model-specific
+(image features, where they go, position ids such as Qwen2-VL's rope index, token types): the recipe passes it
+the processor's outputs and the labels. LLaVA-1.5 itself keeps its exact paper path (recipes/llava).
+
+Written into train.output_dir: adapter/ (ours), adapter_peft/ (PEFT's), processor/, config.yaml,
+train_summary.json. `python -m recipes.vlm.merge RUN --out DIR` writes the merged model.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script by the deepspeed launcher
+    sys.path.insert(0, str(ROOT))
+
+from data.llava import DataFormatError  # noqa: E402
+from data.vlm_chat import ChatCollator, ChatDataConfig, ChatDataset  # noqa: E402
+from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
+from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
+from recipes.trainer import TooManySkipsError, TrainConfig, Trainer  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ChatModelConfig:
+    path: str  # a checkpoint folder (or hub id in the local cache) with the model and its processor
+    dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
+    attn_implementation: Optional[str] = None
+    gradient_checkpointing: bool = False
+
+
+def build_model(config: ChatModelConfig):
+    """(model, processor) through the Auto classes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    elif config.dtype in DTYPES:
+        dtype = DTYPES[config.dtype]
+    else:
+        raise ConfigError(f"model.dtype must be auto or one of {sorted(DTYPES)}, got {config.dtype!r}")
+    extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    model = AutoModelForImageTextToText.from_pretrained(config.path, dtype=dtype, **extra)
+    processor = AutoProcessor.from_pretrained(config.path)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, processor
+
+
+def chat_loss(engine, batch: dict):
+    """The model's own next-token loss over the labelled tokens of a micro-batch (see data/vlm_chat.py for why
+    every micro-batch holds an image)."""
+    model = engine.module
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    inputs = {k: (v.to(engine.device, dtype) if v.is_floating_point() else v.to(engine.device))
+              for k, v in batch["inputs"].items()}
+    if batch["empty"]:  # every sample skipped: run the same modules, learn nothing
+        inputs.pop("labels")
+        return engine(**inputs).logits.sum() * 0.0, 0
+    return engine(**inputs).loss, int(inputs["attention_mask"].sum())
+
+
+def build(config: dict):
+    model_cfg = ChatModelConfig(**section(config, "model", [f.name for f in fields(ChatModelConfig)]))
+    dora_cfg = section(config, "dora", ["rules", "train_fully"])
+    data_cfg = ChatDataConfig(**section(config, "data", [f.name for f in fields(ChatDataConfig)]))
+    model, processor = build_model(model_cfg)
+    report = apply_dora(model, dora_cfg.get("rules", []), dora_cfg.get("train_fully", []), verbose=False)
+    dataset = ChatDataset(data_cfg, processor)
+    return model, processor, dataset, report, ChatCollator(processor, data_cfg.max_length)
+
+
+def hidden_size(model) -> int:
+    text = getattr(model.config, "text_config", None) or model.config
+    return int(getattr(text, "hidden_size", 1024))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # passed by the deepspeed launcher
+    if not argv:
+        print(__doc__)
+        return 2
+    config = load_config(argv[0], argv[1:])
+    train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
+    torch.manual_seed(train_cfg.seed)  # the adapter's initialisation is the same in every process and run
+    model, processor, dataset, report, collator = build(config)
+    trainer = Trainer(train_cfg, model, dataset, collator, chat_loss, lengths=dataset.modality_lengths,
+                      hidden_size=hidden_size(model))
+    out = Path(train_cfg.output_dir)
+    if trainer.is_main:
+        print(report.table(), flush=True)
+        print(f"{type(model).__name__}: {len(dataset)} samples, {trainer.world} processes x micro-batch "
+              f"{train_cfg.micro_batch_size} x accumulation {trainer.accumulation} = global batch "
+              f"{train_cfg.global_batch_size}; {trainer.total_steps} optimizer steps; precision {trainer.precision}; "
+              f"ZeRO stage {trainer.zero_stage}", flush=True)
+    try:
+        result = trainer.train()
+    except TooManySkipsError:
+        trainer.close()
+        raise
+    if result.paused:
+        if trainer.is_main:
+            print(f"paused at step {result.global_step} (train.pause_at_step); run again to continue", flush=True)
+        trainer.close()
+        return 0
+    module = trainer.engine.module
+    state = trainer.full_fp32_state(adapter_state_dict(module))
+    if trainer.is_main:
+        meta = {"recipe": "vlm", "config": str(out / "config.yaml"), "steps": result.global_step}
+        save_adapter(module, out / "adapter", metadata=meta, state_dict=state)
+        export_peft(module, out / "adapter_peft", state_dict=state)
+        processor.save_pretrained(out / "processor")
+        save_config(config, out / "config.yaml")
+        summary = {"steps": result.global_step, "losses": result.losses, "skipped": dict(result.skipped),
+                   "trainable_parameters": report.trainable, "total_parameters": report.total}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
+        print(f"done: {result.global_step} steps, final loss {result.losses[-1]:.4f}; skipped samples: {skipped}; "
+              f"adapter in {out / 'adapter'}", flush=True)
+    trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except (ConfigError, DataFormatError, TooManySkipsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
