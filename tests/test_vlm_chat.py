@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoConfig
 
 from data.llava import IGNORE_INDEX, SampleError
 from data.vlm_chat import ChatCollator, ChatDataConfig, ChatDataset, align_labels
@@ -48,7 +49,8 @@ def test_only_the_answers_and_their_end_markers_carry_labels(families, family):
         learned = tok.decode(labels[labels != IGNORE_INDEX])
         assert learned == "".join(f"{a}<|end|>\n" for a in answers)  # answers + end of turn, nothing else
     # the image's expanded tokens are in the ids (several per image) but never labelled
-    image = inputs["input_ids"][0] == processor.image_token_id
+    config = AutoConfig.from_pretrained(root / family)
+    image = inputs["input_ids"][0] == (getattr(config, "image_token_id", None) or config.image_token_index)
     assert image.sum() >= 4 and (inputs["labels"][0][image] == IGNORE_INDEX).all()
     assert batch["ids"] == ["two-turns", "text-only"] and not batch["empty"]
 
