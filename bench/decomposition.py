@@ -270,6 +270,7 @@ def experiment(args) -> dict:
         print(f"base: {info}", flush=True)
     load = os.getloadavg()
     t_start = time.perf_counter()
+    reused = len(list((out / "runs").glob("*/result.json")))  # runs of an earlier invocation are not run again
     chosen, results, searched = {}, {}, {}
     for method in ("full", "lora", "dora"):
         search = [run_one(out, base, method, lr, args.seeds[0], args.steps) for lr in LRS[method]]
@@ -323,7 +324,7 @@ def experiment(args) -> dict:
     same_lr = [f"{NAMES[m]}={out / 'runs' / f'{m}_lr{lora_lr:g}_s{seed}' / 'snapshots' / f'step_{s}'}"
                for m in ("lora", "dora") for s in snapshot_steps(args.steps)]
     slopes_same_lr = analyse_runs(same_lr, out / "analysis_same_lr", f"LoRA and DoRA at lr {chosen['lora']:g}")
-    step_time = time_steps(argparse.Namespace(base=str(base), rounds=15, steps_per_round=30, json=None))
+    step_time = time_steps(argparse.Namespace(base=str(base), rounds=40, steps_per_round=30, json=None))
 
     def row(name, runs):
         acc = mean_std([r["test_accuracy"] * 100 for r in runs])
@@ -342,7 +343,8 @@ def experiment(args) -> dict:
     summary = {"setting": {"steps": args.steps, "batch": 32, "seeds": args.seeds, "rank": RANK, "alpha": 2 * RANK,
                            "target": TARGET, "lr_grid": LRS, "val_accuracy_by_lr": searched, "chosen_lr": chosen, "threads": 1,
                            "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
-                           "wall_seconds": time.perf_counter() - t_start},
+                           "wall_seconds_this_invocation": time.perf_counter() - t_start,
+                           "runs_reused_from_earlier_invocations": reused},
                "base": json.loads((base / "pretrain.json").read_text()),
                "table": table, "slopes": slopes, "slopes_dora_at_lora_lr": slopes_same_lr, "step_time": step_time,
                "runs": {p.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "table"}
@@ -454,7 +456,7 @@ def main(argv=None) -> int:
     t.add_argument("--dropout-mode", default="exact")
     tm = sub.add_parser("time", help="step time of LoRA and the DoRA dropout forms, interleaved in one process")
     tm.add_argument("--base", default="runs/decomposition/base")
-    tm.add_argument("--rounds", type=int, default=15)
+    tm.add_argument("--rounds", type=int, default=40)
     tm.add_argument("--steps-per-round", type=int, default=30)
     tm.add_argument("--json", default=None)
     parser.add_argument("--out", default="runs/decomposition")
