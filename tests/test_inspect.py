@@ -124,3 +124,21 @@ def test_a_70b_config_is_inspected_without_its_weights(tmp_path):
     assert 69e9 < result["parameters"] < 70e9
     assert rss < 2000  # 70B parameters in bf16 would be 138 GB
     assert result["dora"]["rules"][0]["match"].startswith(r"model\.language_model\.layers\.\d+\.")
+
+
+def test_the_qwen2_vl_example_config_is_what_the_inspector_proposes(tmp_path):
+    """recipes/vlm/configs/qwen2_vl_2b_dora.yaml says its dora: section is the inspector's: Qwen2-VL-2B's sizes."""
+    from transformers import Qwen2VLConfig
+
+    Qwen2VLConfig(text_config={"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                               "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                               "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+                               "tie_word_embeddings": True},
+                  vision_config={"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16,
+                                 "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2},
+                  tie_word_embeddings=True).save_pretrained(tmp_path)
+    result = inspect_model(str(tmp_path))
+    config = yaml.safe_load((ROOT / "recipes/vlm/configs/qwen2_vl_2b_dora.yaml").read_text())
+    assert [r["match"] for r in config["dora"]["rules"]] == [r["match"] for r in result["section"]["rules"]]
+    assert config["dora"]["train_fully"] == result["section"]["train_fully"]
+    assert 2.2e9 < result["total"] < 2.22e9 and f"{result['report'].share:.3%}" == "7.740%"
