@@ -100,6 +100,18 @@ def test_a_family_trains_from_the_inspector_config_and_answers(family, chat_data
     assert not torch.allclose(reference, base_logits, atol=1e-3)  # the adapter changed the model
     torch.testing.assert_close(logits(AutoModelForImageTextToText.from_pretrained(merged).eval(), processor,
                                       chat_data), reference, rtol=1e-4, atol=1e-4)
+    # greedy tokens, 4 forced (the briefly trained model would otherwise stop at once), merged vs base + adapter
+    question = json.loads(Path(chat_data["questions"]).read_text().splitlines()[0])
+    from PIL import Image
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
+        "type": "text", "text": question["text"]}]}], tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[[Image.open(Path(chat_data["images"]) / question["image"]).convert("RGB")]],
+                       return_tensors="pt")
+    merged_model = AutoModelForImageTextToText.from_pretrained(merged).eval()
+    with torch.no_grad():
+        tokens = [m.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, -4:].tolist()
+                  for m in (ours, merged_model)]
+    assert tokens[0] == tokens[1]
     peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir),
                                      tmp_path / "one" / "adapter_peft").eval()
     torch.testing.assert_close(logits(peft, processor, chat_data), reference, rtol=1e-4, atol=1e-4)
