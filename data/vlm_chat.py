@@ -76,6 +76,12 @@ def render_with_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[
     return full, spans
 
 
+def add_special_tokens(tokenizer, text: str) -> bool:
+    """Whether tokenizing a rendered conversation should add the tokenizer's special tokens: not when the chat
+    template already wrote the BOS (Gemma 3, Llama 3, Mllama do), or the sequence would start with two."""
+    return not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+
+
 def align_labels(unexpanded: Sequence[int], labels: Sequence[int], expanded: Sequence[int]) -> list[int]:
     """Labels for the processor's expanded ids: copied over the blocks the two sequences share (the expansion
     only inserts tokens), IGNORE_INDEX elsewhere. Every label must land on the same token id."""
@@ -147,7 +153,8 @@ class ChatDataset(torch.utils.data.Dataset):
         except ConversationError as e:
             raise SampleError("malformed record", str(e)) from None
         text, spans = render_with_spans(self.processor, messages)
-        enc = self.processor.tokenizer(text, return_offsets_mapping=True)
+        tokenizer = self.processor.tokenizer
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens(tokenizer, text))
         labels = [tok if e > s and any(s < end and e > start for start, end in spans) else IGNORE_INDEX
                   for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
         if all(label == IGNORE_INDEX for label in labels):
@@ -183,7 +190,8 @@ class ChatCollator:
         # nested, one list per row: what every family's processor takes when some rows have no image
         images = [[s["image"]] if s["image"] is not None else [] for s in samples] + ([[self.blank_image]] if blank
                                                                                       else [])
-        return self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        return self.processor(text=texts, images=images, padding=True, return_tensors="pt",
+                              add_special_tokens=add_special_tokens(self.processor.tokenizer, texts[0]))
 
     def __call__(self, samples: Sequence[dict]) -> dict:
         skipped = [s["skip"] for s in samples if "skip" in s]
@@ -211,4 +219,6 @@ class ChatCollator:
             samples = [s for row, s in enumerate(samples) if row not in bad]
         batch = dict(batch)
         batch["labels"] = labels
-        return {"inputs": batch, "ids": [s["id"] for s in samples], "skipped": skipped, "empty": not samples}
+        tokens = int(mask[:len(samples)].sum())  # the samples' own tokens, not the blank row's; counted on the CPU
+        return {"inputs": batch, "ids": [s["id"] for s in samples], "skipped": skipped, "empty": not samples,
+                "tokens": tokens}

@@ -174,6 +174,11 @@ def apply_dora(
                     raise TargetingError(
                         f"rule {i} (match={rules[i].match!r}) matches {name!r}, a {type(module).__name__}; "
                         f"DoRA rules must select nn.Linear modules only")
+                if type(module).forward is not nn.Linear.forward:  # e.g. a MoE router returning (scores, logits)
+                    raise TargetingError(
+                        f"rule {i} (match={rules[i].match!r}) matches {name!r}, a {type(module).__name__}: an "
+                        f"nn.Linear subclass with its own forward, which a DoRA layer would replace by a plain "
+                        f"linear map; leave it out of the rule")
                 if isinstance(_parent(model, name)[0], nn.MultiheadAttention):
                     raise TargetingError(
                         f"rule {i} (match={rules[i].match!r}) matches {name!r}, the output projection of an "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import IO, Optional, Sequence
 
@@ -45,8 +46,12 @@ def weights_fingerprint(directory: Optional[PathLike]) -> Optional[list]:
     if not directory:
         return None
     directory = Path(directory)
-    if not directory.exists():
-        raise InputError(f"{directory} not found")
+    if not directory.exists():  # a hub id: its snapshot in the local cache (from_pretrained reads the same)
+        try:
+            from huggingface_hub import snapshot_download
+            directory = Path(snapshot_download(str(directory), local_files_only=True))
+        except Exception:
+            raise InputError(f"{directory}: not a folder, and not a hub id in the local cache") from None
     files = sorted(p for p in directory.iterdir() if p.is_file()) if directory.is_dir() else [directory]
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
@@ -139,8 +144,12 @@ class AnswerLog:
                                  f"see {meta.name}): use --restart to start over, or another --out")
             self.done = read_completed(self.out, self.questions)
         else:
-            write_text(meta, json.dumps(self.settings, indent=1) + "\n")
+            # settings last: a kill in between leaves answers without settings, which a rerun refuses, never old
+            # answers under new settings
+            meta.unlink(missing_ok=True)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
             self.out.write_bytes(b"")
+            write_text(meta, json.dumps(self.settings, indent=1) + "\n")
             self.done = 0
         self._file = open(self.out, "ab")
         return self.done
@@ -174,16 +183,31 @@ def merge_shards(questions_path: PathLike, parts: Sequence[PathLike], out: PathL
         raise InputError("merge: no answer files given")
     digest = file_digest(questions_path)
     merged: list[Optional[dict]] = [None] * len(questions)
+    first: Optional[tuple[Path, dict]] = None
     for index, part in enumerate(parts):
         part = Path(part)
         meta_path = run_file(part)
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if meta.get("shard") != [index, count]:
-                raise InputError(f"{part}: written for --shard {'/'.join(map(str, meta.get('shard') or [0, 1]))}, "
-                                 f"given as part {index} of {count}: list the parts in shard order")
+        if not meta_path.is_file():
+            print(f"warning: {part} has no {meta_path.name}: only its question order is checked", file=sys.stderr)
+        else:
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise InputError(f"{meta_path}: unreadable ({e})") from None
+            shard = meta.get("shard") or [0, 1]
+            if shard != [index, count]:
+                raise InputError(f"{part}: written for --shard {shard[0]}/{shard[1]}, given as part {index} of "
+                                 f"{count}: list the parts in shard order")
             if meta.get("questions_sha256") != digest:
                 raise InputError(f"{part}: answers a different question file than {questions_path}")
+            if first is None:
+                first = (part, meta)
+            else:
+                changed = sorted(k for k in set(meta) | set(first[1]) if k != "shard"
+                                 and meta.get(k) != first[1].get(k))
+                if changed:
+                    raise InputError(f"{part} and {first[0]} come from different runs ({', '.join(changed)} "
+                                     f"differ)")
         mine = shard_of(questions, (index, count))
         answers = [a for _, a in iter_jsonl(part, "answer file")]
         for n, answer in enumerate(answers, start=1):

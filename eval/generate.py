@@ -15,6 +15,7 @@ continues where it stopped (eval/answer_log.py: what counts as "the same", and -
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -144,6 +145,8 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
     from tqdm.auto import tqdm
     from PIL import Image
 
+    from data.vlm_chat import add_special_tokens
+
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
 
@@ -162,7 +165,8 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
             texts.append(processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                        add_generation_prompt=True))
             images.append(row)
-        return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
+        return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt",
+                         add_special_tokens=add_special_tokens(processor.tokenizer, texts[0]))
 
     batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
     bar = tqdm(total=already_done + len(questions), initial=already_done, disable=not progress, desc="generate",
@@ -188,10 +192,13 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
 def run_settings(args) -> dict:
     """What the answers depend on; a resumed run must match it (see eval/answer_log.py)."""
     shard = parse_shard(args.shard)
-    return {"questions": str(args.questions), "questions_sha256": file_digest(args.questions),
-            "shard": list(shard) if shard else None, "model": str(args.model),
-            "model_files": weights_fingerprint(args.model), "adapter": args.adapter and str(args.adapter),
-            "adapter_files": weights_fingerprint(args.adapter), "image_folder": str(args.image_folder or "."),
+
+    def where(path):  # a local path as an absolute one (the same run from another folder is the same run)
+        return None if path is None else (os.path.abspath(path) if os.path.exists(path) else str(path))
+    return {"questions": where(args.questions), "questions_sha256": file_digest(args.questions),
+            "shard": list(shard) if shard else None, "model": where(args.model),
+            "model_files": weights_fingerprint(args.model), "adapter": where(args.adapter),
+            "adapter_files": weights_fingerprint(args.adapter), "image_folder": where(args.image_folder or "."),
             "template": args.template, "max_new_tokens": args.max_new_tokens,
             "image_aspect_ratio": args.image_aspect_ratio, "dtype": args.dtype}
 

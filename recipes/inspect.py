@@ -32,7 +32,8 @@ import torch.nn as nn
 # Part of a module, from its qualified name: first match wins (a connector can sit inside the vision tower, as
 # Qwen2-VL's visual.merger does). Names as transformers' families spell them.
 PARTS = (
-    ("connector", r"(multi_modal_projector|connector|mm_projector|merger)"),
+    ("connector", r"(multi_modal_projector|connector|mm_projector|merger|deepstack_merger_list|qformer|query_tokens"
+                  r"|language_projection|image_to_text_projection|vision_adapter)"),
     ("vision tower", r"(vision_tower|visual|vision_model|vision_encoder|image_encoder)"),
     ("language model", r"(language_model|text_model|lm_head)"),
 )
@@ -87,11 +88,17 @@ def _alternation(leaves: list[str]) -> str:
     return "(" + "|".join(re.escape(h) for h in heads) + ")" + re.escape(tail)
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that computes x W^T + b: DoRA can stand in for it (a subclass with its own forward, such as a
+    MoE router returning (scores, logits), cannot)."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 def linear_patterns(model: nn.Module) -> list[Pattern]:
-    """The model's nn.Linear modules grouped: indices generalised, then siblings under one parent merged."""
+    """The model's plain nn.Linear modules grouped: indices generalised, then siblings under one parent merged."""
     by_regex: "OrderedDict[str, Pattern]" = OrderedDict()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if plain_linear(module):
             regex = _generalise(name)
             p = by_regex.setdefault(regex, Pattern(regex, part_of(name)))
             p.names.append(name)
@@ -122,7 +129,7 @@ def free_parameters(model: nn.Module) -> list[tuple[str, tuple, str]]:
     norm layer's own weight): learned tokens, probes, position tables a family may train."""
     out = []
     for module_name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)) or not any(True for _ in module.children()):
+        if plain_linear(module) or isinstance(module, nn.Embedding) or not any(True for _ in module.children()):
             continue
         for pname, p in module.named_parameters(recurse=False):
             name = f"{module_name}.{pname}" if module_name else pname
@@ -173,22 +180,28 @@ def propose(patterns: list[Pattern], free: list[tuple], rank: int, alpha: float,
             connectors[re.escape(part_prefix(p.names[0], "connector")) + r"\..*"] = None
     for name, _, part in free:
         if part == "connector":
-            connectors[re.escape(part_prefix(name, "connector")) + r"\..*"] = None
+            prefix = part_prefix(name, "connector")
+            # a bare parameter (BLIP-2's query_tokens) is its own pattern; a module's parameters are under it
+            connectors[re.escape(prefix) + ("" if prefix == name else r"\..*")] = None
     return {"rules": rules, "train_fully": list(connectors)}
 
 
 def to_yaml(section: dict, free: list[tuple]) -> str:
     lines = ["dora:", "  rules:"]
+    if not section["train_fully"]:
+        lines.insert(0, "# no connector found by name (recipes/inspect.py PARTS): add the layers that join the vision "
+                        "tower to the language model to train_fully")
     for r in section["rules"]:
         lines += [f"    - match: '{r['match']}'", f"      rank: {r['rank']}", f"      alpha: {r['alpha']}",
                   f"      dropout: {r['dropout']}"]
     lines.append("  train_fully:" + ("" if section["train_fully"] else " []"))
     lines += [f"    - '{p}'" for p in section["train_fully"]]
-    undecided = [(n, s, part) for n, s, part in free
-                 if part != "vision tower" and not any(re.fullmatch(p, n) for p in section["train_fully"])]
-    for name, shape, part in undecided:
-        lines.append(f"    # - '{re.escape(name)}'    # {part}, {list(shape)}, in no Linear: train it if the "
-                     f"family's own recipe does")
+    undecided = OrderedDict()  # one line per pattern: a 48-layer MoE's experts are one line, not 96
+    for name, shape, part in free:
+        if part != "vision tower" and not any(re.fullmatch(p, name) for p in section["train_fully"]):
+            undecided.setdefault(_generalise(name), (part, list(shape)))
+    for regex, (part, shape) in undecided.items():
+        lines.append(f"    # - '{regex}'    # {part}, {shape}, in no Linear: train it if the family's own recipe does")
     return "\n".join(lines) + "\n"
 
 
@@ -200,6 +213,8 @@ def inspect_model(source: str, rank: int = 128, alpha: float = 256, dropout: flo
     total = sum(p.numel() for p in model.parameters())
     patterns = linear_patterns(model)
     free = free_parameters(model)
+    special = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and not plain_linear(m)]
     parts = OrderedDict()
     for name, p in model.named_parameters():
         key = part_of(name)
@@ -208,6 +223,7 @@ def inspect_model(source: str, rank: int = 128, alpha: float = 256, dropout: flo
     # applied to the meta model: the trainable count training will report (adapter parameters included)
     report = apply_dora(model, section["rules"], section["train_fully"], verbose=False)
     return {"model": type(model).__name__, "config": config, "total": total, "patterns": patterns, "free": free,
+            "special": special,
             "parts": parts, "section": section, "yaml": to_yaml(section, free), "report": report}
 
 
@@ -224,6 +240,12 @@ def print_inspection(result: dict, out=None) -> None:
         regex = p.regex if len(p.regex) <= 72 else p.regex[:69] + "..."
         w(f"{regex:<72} {p.part:<15} {len(p.names):>6} {_shapes(p.shapes):<28} {p.parameters:>15,}\n")
     w("\nparts: " + ", ".join(f"{k} {v:,}" for k, v in result["parts"].items()) + "\n")
+    if result["special"]:
+        w("\nnn.Linear subclasses with their own forward (a DoRA layer cannot stand in for them; left out):\n")
+        for name, cls in result["special"][:8]:
+            w(f"  {name:<60} {cls}\n")
+        if len(result["special"]) > 8:
+            w(f"  ... {len(result['special']) - 8} more\n")
     if result["free"]:
         w("\nparameters in no Linear, Embedding or norm layer (the family's recipe may train them: decide):\n")
         for name, shape, part in result["free"]:

@@ -262,6 +262,24 @@ def test_multihead_attention_out_proj_is_refused():
         apply_dora(model, [{"match": r"attn\.out_proj", "rank": 2}], verbose=False)
 
 
+def test_a_linear_subclass_with_its_own_forward_is_refused():
+    # Llama 4's MoE router subclasses nn.Linear and returns (scores, logits): a DoRA layer would break it
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.sigmoid(), logits
+
+    class Plain(nn.Linear):  # a subclass that keeps nn.Linear's forward is fine
+        pass
+
+    model = nn.Sequential()
+    model.add_module("router", Router(8, 4))
+    model.add_module("plain", Plain(8, 8))
+    with pytest.raises(TargetingError, match="'router', a Router: an nn.Linear subclass with its own forward"):
+        apply_dora(model, [{"match": "router|plain", "rank": 2}], verbose=False)
+    assert apply_dora(model, [{"match": "plain", "rank": 2}], verbose=False).rows[0].matched == ["plain"]
+
+
 def test_export_peft_takes_tensors_from_a_state_dict(tmp_path):
     from safetensors.torch import load_file
 

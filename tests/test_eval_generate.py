@@ -162,3 +162,49 @@ def test_kill_9_loses_at_most_the_batch_being_decoded(llava_assets, llava_dir, t
     os.utime(llava_dir / "config.json", ns=(time.time_ns(), time.time_ns() + 10**9))
     changed = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert changed.returncode == 2 and "model_files differ" in changed.stderr
+
+
+def test_merge_takes_one_unsharded_file_and_refuses_parts_of_different_runs(tmp_path):
+    from eval.answer_log import file_digest, shard_of
+
+    qfile = questions_file(tmp_path / "q.jsonl", 10, repeat_ids=True)
+    digest = file_digest(qfile)
+    whole = tmp_path / "whole.jsonl"
+    with AnswerLog(whole, QS, {"shard": None, "questions_sha256": digest, "model": "a"}) as log:
+        log.append(answers(QS))
+    assert merge_shards(qfile, [whole], tmp_path / "all.jsonl") == 10
+    parts = []
+    for i, model in enumerate(("a", "b")):
+        part = tmp_path / f"p{i}.jsonl"
+        with AnswerLog(part, shard_of(QS, (i, 2)), {"shard": [i, 2], "questions_sha256": digest,
+                                                    "model": model}) as log:
+            log.append(answers(shard_of(QS, (i, 2))))
+        parts.append(part)
+    with pytest.raises(InputError, match=r"different runs \(model differ"):
+        merge_shards(qfile, parts, tmp_path / "x.jsonl")
+
+
+def test_a_restart_killed_before_its_settings_are_written_is_never_continued(tmp_path, monkeypatch):
+    import eval.answer_log as answer_log
+
+    out = tmp_path / "a.jsonl"
+    with AnswerLog(out, QS, SETTINGS) as log:
+        log.append(answers(QS, 0, 4))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(answer_log, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        AnswerLog(out, QS, {**SETTINGS, "model": "new"}, restart=True).open()
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="not written by `eval generate`"):  # old answers, no settings: refused
+        AnswerLog(out, QS, {**SETTINGS, "model": "new"}).open()
+
+
+def test_a_model_given_by_hub_id_must_be_in_the_local_cache(tmp_path, monkeypatch):
+    from eval.answer_log import weights_fingerprint
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(InputError, match="not a hub id in the local cache"):
+        weights_fingerprint("nobody/no-such-model")
+    assert weights_fingerprint(tmp_path) == []  # a local folder: its files (none here)

@@ -142,3 +142,30 @@ def test_the_qwen2_vl_example_config_is_what_the_inspector_proposes(tmp_path):
     assert [r["match"] for r in config["dora"]["rules"]] == [r["match"] for r in result["section"]["rules"]]
     assert config["dora"]["train_fully"] == result["section"]["train_fully"]
     assert 2.2e9 < result["total"] < 2.22e9 and f"{result['report'].share:.3%}" == "7.740%"
+
+
+def test_routers_are_left_out_and_blip2s_query_tokens_are_trained(tmp_path):
+    """Llama 4's MoE router subclasses nn.Linear with its own forward: never proposed (applying the proposal on
+    the meta model would raise); BLIP-2's connector is the Q-Former, its projection and the bare query_tokens."""
+    from transformers import Blip2Config, Llama4Config
+
+    Llama4Config(text_config={"hidden_size": 64, "intermediate_size": 128, "intermediate_size_mlp": 128,
+                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                              "vocab_size": 1000, "num_local_experts": 2, "head_dim": 16},
+                 vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "vision_output_dim": 32,
+                                "projector_input_dim": 32, "projector_output_dim": 32}).save_pretrained(tmp_path / "l4")
+    result = inspect_model(str(tmp_path / "l4"), rank=4, alpha=8)
+    assert [cls for _, cls in result["special"]] == ["Llama4Router", "Llama4Router"]
+    assert "router" not in result["section"]["rules"][0]["match"] and "shared_expert" in result["section"]["rules"][0]["match"]
+    assert result["yaml"].count("experts\\.gate_up_proj") == 1  # the experts, once for all layers, commented
+    Blip2Config(vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                               "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                "intermediate_size": 64, "encoder_hidden_size": 32},
+                text_config={"model_type": "opt", "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "vocab_size": 1000, "word_embed_proj_dim": 64},
+                num_query_tokens=4).save_pretrained(tmp_path / "blip2")
+    blip2 = inspect_model(str(tmp_path / "blip2"), rank=4, alpha=8)
+    assert blip2["section"]["train_fully"] == [r"qformer\..*", r"language_projection\..*", "query_tokens"]
+    assert "no connector found" not in blip2["yaml"]

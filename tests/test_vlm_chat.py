@@ -47,6 +47,8 @@ def test_only_the_answers_and_their_end_markers_carry_labels(families, family):
         ids = inputs["input_ids"][row]
         assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])  # labels are the tokens
         learned = tok.decode(labels[labels != IGNORE_INDEX])
+        real = ids[inputs["attention_mask"][row].bool()]
+        assert (real == tok.bos_token_id).sum() == (1 if family == "gemma3" else 0)  # a template's BOS, not two
         assert learned == "".join(f"{a}<|end|>\n" for a in answers)  # answers + end of turn, nothing else
     # the image's expanded tokens are in the ids (several per image) but never labelled
     config = AutoConfig.from_pretrained(root / family)
@@ -64,6 +66,7 @@ def test_a_micro_batch_without_images_gets_a_blank_image_row_without_labels(fami
     inputs = batch["inputs"]
     assert inputs["input_ids"].shape[0] == 2 and "pixel_values" in inputs  # the sample + the blank row
     assert (inputs["labels"][1] == IGNORE_INDEX).all() and (inputs["labels"][0] != IGNORE_INDEX).any()
+    assert batch["tokens"] == int(inputs["attention_mask"][0].sum())  # the blank row is not counted
     with_image = ChatCollator(processor)([data[0], data[1]])
     assert with_image["inputs"]["input_ids"].shape[0] == 2  # an image in the batch: no extra row
 

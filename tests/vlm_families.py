@@ -26,7 +26,8 @@ FAMILY_TOKENS = {"llava_next": ["<image>"], "qwen2_vl": ["<|vision_start|>", "<|
 
 def chat_template(family: str) -> str:
     image = PLACEHOLDER[family]
-    return ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['content'] is string %}{{ m['content'] }}"
+    # Gemma 3's template writes the BOS itself and its tokenizer adds one too (as Llama 3's and Mllama's do)
+    return ("{{ bos_token }}" if family == "gemma3" else "") + ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['content'] is string %}{{ m['content'] }}"
             "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image + "{% else %}"
             "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|end|>\\n' }}{% endfor %}"
             "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
@@ -44,7 +45,10 @@ def _tokenizer(family: str, texts: Iterable[str], vocab_size: int = 400):
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                              show_progress=False))
     extra = {}
-    if family == "gemma3":  # Gemma3Processor reads these names from its tokenizer
+    if family == "gemma3":
+        from tokenizers import processors
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[
+            ("<bos>", tok.token_to_id("<bos>"))])  # Gemma3Processor reads these names from its tokenizer
         extra = dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>",
                      extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                            "image_token": "<image_soft_token>"})

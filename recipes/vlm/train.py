@@ -72,7 +72,7 @@ def chat_loss(engine, batch: dict):
     if batch["empty"]:  # every sample skipped: run the same modules, learn nothing
         inputs.pop("labels")
         return engine(**inputs).logits.sum() * 0.0, 0
-    return engine(**inputs).loss, int(inputs["attention_mask"].sum())
+    return engine(**inputs).loss, batch["tokens"]
 
 
 def build(config: dict):
