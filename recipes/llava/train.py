@@ -41,6 +41,10 @@ def llava_loss(engine, batch: dict):
         input_ids = torch.full((1, 1), model.config.text_config.bos_token_id or 0, device=device)
         attention_mask, labels, pixel_values = torch.ones_like(input_ids), None, None
     else:
+        # counts are taken on the collator's CPU tensors: on a GPU, int() of a device tensor is a host sync that
+        # stalls every micro-batch until the work queued before it is done
+        image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+        tokens = int(batch["attention_mask"].sum())
         input_ids = batch["input_ids"].to(device)
         attention_mask, labels = batch["attention_mask"].to(device), batch["labels"].to(device)
         pixel_values = batch["pixel_values"]
@@ -53,15 +57,15 @@ def llava_loss(engine, batch: dict):
     else:
         features = torch.cat(list(model.model.get_image_features(pixel_values=pixel_values.to(device, dtype))
                                   .pooler_output))
-        mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
-        if int(mask.sum()) != features.shape[0]:
-            raise RuntimeError(f"{int(mask.sum())} image tokens but {features.shape[0]} image features in a batch "
+        if image_tokens != features.shape[0]:
+            raise RuntimeError(f"{image_tokens} image tokens but {features.shape[0]} image features in a batch "
                                f"of {batch.get('ids')}")
-        embeds = embeds.masked_scatter(mask.to(device), features.to(embeds.dtype))
+        mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
     out = engine(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
     if labels is None:
         return out.logits.sum() * 0.0, 0
-    return out.loss, int(attention_mask.sum())
+    return out.loss, tokens
 
 
 def build(config: dict):
