@@ -250,7 +250,8 @@ def run_method(method: str, root: Path, shape_name: str, out_dir: Path, round_: 
         port = s.getsockname()[1]
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", "2", "--master_port", str(port),
-           __file__, "--worker", method, "--root", str(root), "--shape", shape_name, "--out", str(out)]
+           __file__, "--worker", method, "--root", str(root), "--shape", shape_name, "--out", str(out),
+           "--dropout", str(DROPOUT)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
@@ -271,6 +272,7 @@ def run_method(method: str, root: Path, shape_name: str, out_dir: Path, round_: 
 
 
 def main() -> None:
+    global DROPOUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES))
@@ -280,8 +282,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--dropout", type=float, default=DROPOUT, help="adapter dropout (the paper's LLaVA: 0.05)")
     parser.add_argument("--local_rank", type=int, default=None)  # from the deepspeed launcher
     args = parser.parse_args()
+    DROPOUT = args.dropout
     shape_name = args.shape or ("tiny" if args.tiny else "mid")
     shape = SHAPES[shape_name]
     root = (args.root or ROOT / "runs" / f"bench_llava_{shape_name}").resolve()
@@ -307,7 +311,8 @@ def main() -> None:
     load_after = os.getloadavg()
     base = BASELINE if BASELINE in methods else methods[0]
     device = results[methods[0]][0]["device"]
-    setting = {"shape": shape_name, **shape, "dropout": DROPOUT, "processes": 2, "zero": 2,
+    setting = {"shape": shape_name, **shape, "rounds": rounds, "methods": methods, "dropout": DROPOUT,
+               "processes": 2, "zero": 2,
                "device": device, "dtype": "bf16" if device == "cuda" else "fp32",
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1") if device == "cpu" else None,
                "cpus": os.cpu_count(), "torch": torch.__version__,
