@@ -249,7 +249,8 @@ def run_method(method: str, root: Path, shape_name: str, out_dir: Path, round_: 
         s.bind(("", 0))
         port = s.getsockname()[1]
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", "2", "--master_port", str(port),
+    processes = 2 if not torch.cuda.is_available() else min(2, torch.cuda.device_count())
+    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(processes), "--master_port", str(port),
            __file__, "--worker", method, "--root", str(root), "--shape", shape_name, "--out", str(out),
            "--dropout", str(DROPOUT)]
     start = time.perf_counter()
@@ -268,7 +269,7 @@ def run_method(method: str, root: Path, shape_name: str, out_dir: Path, round_: 
             "samples_per_cpu_s": ranks[0]["global_batch"] / cpu_step, "cpu_step_s": cpu_step,
             "peak_mb": max(r["peak_mb"] for r in ranks), "job_s": time.perf_counter() - start,
             "losses": ranks[0]["losses"], "device": ranks[0]["device"], "engine": ranks[0]["engine"],
-            "trainable": ranks[0]["trainable"]}
+            "trainable": ranks[0]["trainable"], "world": ranks[0]["world"]}
 
 
 def main() -> None:
@@ -312,7 +313,7 @@ def main() -> None:
     base = BASELINE if BASELINE in methods else methods[0]
     device = results[methods[0]][0]["device"]
     setting = {"shape": shape_name, **shape, "rounds": rounds, "methods": methods, "dropout": DROPOUT,
-               "processes": 2, "zero": 2,
+               "processes": results[methods[0]][0]["world"], "zero": 2,
                "device": device, "dtype": "bf16" if device == "cuda" else "fp32",
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1") if device == "cpu" else None,
                "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -332,7 +333,7 @@ def main() -> None:
                      "trainable_parameters": results[m][0]["trainable"]})
     print(f"LLaVA train step ({shape_name}: Llama {shape['hidden']} wide x {shape['layers']} layers, CLIP 64 x "
           f"{shape['vision_layers']}, DoRA rank {shape['rank']} on q/k/v/o/gate/up/down, dropout {DROPOUT}), "
-          f"2 processes x micro-batch {shape['micro']}, ZeRO-2, {device} {setting['dtype']}, "
+          f"{setting['processes']} processes x micro-batch {shape['micro']}, ZeRO-2, {device} {setting['dtype']}, "
           f"OMP_NUM_THREADS={setting['omp_num_threads']}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"{shape['steps']} timed steps after {shape['warmup']}, {rounds} rounds; load average before "
           f"{setting['load_before']}, after {setting['load_after']}; {setting['seconds']} s")
