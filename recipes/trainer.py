@@ -457,9 +457,12 @@ class Trainer:
         self.load_checkpoint(path)
 
     # ------------------------------------------------------------------------------------------- loop
-    def _reduce_sum(self, values: list[float]) -> list[float]:
-        """One all-reduce for all of a step's statistics: no extra host syncs per value."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+    def _reduce_sum(self, values: list) -> list[float]:
+        """One all-reduce for all of a step's statistics, and its `.tolist()` the step's only host sync: values may
+        be tensors still on the device (the summed micro-batch losses)."""
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        t = torch.stack([v.detach().to(device, torch.float64).reshape(()) if torch.is_tensor(v)
+                         else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
         dist.all_reduce(t)
         return t.tolist()
 
@@ -519,7 +522,9 @@ class Trainer:
                 self.engine.step()
                 micro += 1
                 if tokens:
-                    window_loss += loss.detach().float().item()
+                    # summed on the device: a `.item()` here would wait for every micro-batch's backward on a GPU
+                    # before the next micro-batch can be queued; the step's all-reduce reads it once
+                    window_loss = loss.detach().float() + window_loss
                     window_batches += 1
                 window_tokens += int(tokens)
                 if self.engine.global_steps == before:
