@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-vlbart demo-video test bench bench-all bench-quick env clean
+.PHONY: demo demo-vlbart demo-video test bench bench-all bench-quick decomposition env clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench-all: $(STAMP)
 	$(PY) bench/features.py
 	$(PY) bench/video.py
 	$(PY) bench/generate.py
+	$(PY) bench/llava_train.py
+
+decomposition: $(STAMP)
+	$(PY) bench/decomposition.py --out runs/decomposition --results bench/results_decomposition_cpu.json --figures docs
 
 bench-quick: $(STAMP)
 	$(PY) bench/dora_layer.py --quick
