@@ -201,29 +201,22 @@ class LlavaDataConfig:
     end_of_turn: Optional[str] = None  # chat template: the marker supervised after each answer (default: eos)
 
 
-class LlavaDataset(torch.utils.data.Dataset):
-    """Lazy: records are parsed at load, tokenised and their images read when a sample is asked for."""
+class RecordDataset(torch.utils.data.Dataset):
+    """LLaVA records, read lazily: a subclass's `build(record, index)` makes the sample when it is asked for."""
 
-    def __init__(self, config: LlavaDataConfig, tokenizer, image_processor, image_token_id: int,
-                 image_seq_length: int, records: Optional[list[dict]] = None, skips: Optional[SkipLog] = None):
-        self.config = config
-        self.records = records if records is not None else load_records(config.data_path)
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.image_token_id = image_token_id
-        self.image_seq_length = image_seq_length
+    def __init__(self, records: list, data_path: str, image_folder: str, skips: Optional[SkipLog] = None):
+        self.records = records
         self.skips = skips or SkipLog()
         with_image = sum(1 for r in self.records if isinstance(r, dict) and r.get("image"))
-        if with_image and not Path(config.image_folder).is_dir():
-            raise DataFormatError(f"image folder {config.image_folder!r} not found ({with_image} records of "
-                                  f"{config.data_path or 'the data'} have an image)")
+        if with_image and not Path(image_folder).is_dir():
+            raise DataFormatError(f"image folder {image_folder!r} not found ({with_image} records of "
+                                  f"{data_path or 'the data'} have an image)")
 
     def __len__(self) -> int:
         return len(self.records)
 
-    @property
-    def modality_lengths(self) -> list[int]:
-        """LLaVA's length estimate for grouping: words in the conversation (+ the image tokens), positive for
+    def modality_lengths_for(self, image_tokens: int) -> list[int]:
+        """LLaVA's length estimate for grouping: words in the conversation (+ `image_tokens`), positive for
         samples with an image and negative for text-only ones."""
         out = []
         for r in self.records:  # malformed records get a length here and are skipped when read
@@ -231,7 +224,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             conv = record.get("conversations")
             words = sum(len(str(c.get("value", "")).split()) for c in conv if isinstance(c, dict)) \
                 if isinstance(conv, list) else 1
-            out.append(words + self.image_seq_length if record.get("image") else -max(words, 1))
+            out.append(words + image_tokens if record.get("image") else -max(words, 1))
         return out
 
     def __getitem__(self, index: int) -> dict:
@@ -244,6 +237,27 @@ class LlavaDataset(torch.utils.data.Dataset):
         except SampleError as e:
             self.skips.skip(e.reason, index, sample_id, str(e))
             return {"skip": e.reason, "id": sample_id, "index": index}
+
+    def build(self, record, index: int = -1) -> dict:
+        raise NotImplementedError
+
+
+class LlavaDataset(RecordDataset):
+    """Lazy: records are parsed at load, tokenised and their images read when a sample is asked for."""
+
+    def __init__(self, config: LlavaDataConfig, tokenizer, image_processor, image_token_id: int,
+                 image_seq_length: int, records: Optional[list[dict]] = None, skips: Optional[SkipLog] = None):
+        self.config = config
+        super().__init__(records if records is not None else load_records(config.data_path), config.data_path,
+                         config.image_folder, skips)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.image_seq_length = image_seq_length
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        return self.modality_lengths_for(self.image_seq_length)
 
     # --------------------------------------------------------------------------------------------- pieces
     def build(self, record: dict, index: int = -1) -> dict:

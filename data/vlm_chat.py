@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from .conversation import IMAGE_TOKEN, ConversationError, parse_turns
-from .llava import IGNORE_INDEX, DataFormatError, SampleError, SkipLog, load_records
+from .llava import IGNORE_INDEX, DataFormatError, RecordDataset, SampleError, SkipLog, load_records
 
 BLANK_IMAGE_SIZE = 32
 log = logging.getLogger(__name__)
@@ -101,46 +101,23 @@ def align_labels(unexpanded: Sequence[int], labels: Sequence[int], expanded: Seq
     return out
 
 
-class ChatDataset(torch.utils.data.Dataset):
+class ChatDataset(RecordDataset):
     """Lazy: a record is parsed, rendered and its image opened when asked for; pixels are made by the collator."""
 
     def __init__(self, config: ChatDataConfig, processor, records: Optional[list[dict]] = None,
                  skips: Optional[SkipLog] = None):
         self.config = config
         self.processor = processor
-        self.records = records if records is not None else load_records(config.data_path)
-        self.skips = skips or SkipLog()
-        with_image = sum(1 for r in self.records if isinstance(r, dict) and r.get("image"))
-        if with_image and not Path(config.image_folder).is_dir():
-            raise DataFormatError(f"image folder {config.image_folder!r} not found ({with_image} records of "
-                                  f"{config.data_path or 'the data'} have an image)")
+        super().__init__(records if records is not None else load_records(config.data_path), config.data_path,
+                         config.image_folder, skips)
         if getattr(processor, "chat_template", None) is None:
             raise DataFormatError("the processor has no chat template: save one with the processor "
                                   "(processor.chat_template = ...; processor.save_pretrained(dir))")
 
-    def __len__(self) -> int:
-        return len(self.records)
-
     @property
     def modality_lengths(self) -> list[int]:
         """Words per conversation, negative for text-only samples (the trainer's modality grouping)."""
-        out = []
-        for r in self.records:
-            record = r if isinstance(r, dict) else {}
-            conv = record.get("conversations")
-            words = sum(len(str(c.get("value", "")).split()) for c in conv if isinstance(c, dict)) \
-                if isinstance(conv, list) else 1
-            out.append(words if record.get("image") else -max(words, 1))
-        return out
-
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        sample_id = record.get("id", index) if isinstance(record, dict) else index
-        try:
-            return self.build(record, index)
-        except SampleError as e:
-            self.skips.skip(e.reason, index, sample_id, str(e))
-            return {"skip": e.reason, "id": sample_id, "index": index}
+        return self.modality_lengths_for(0)
 
     def build(self, record: dict, index: int = -1) -> dict:
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):

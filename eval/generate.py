@@ -79,13 +79,10 @@ def answer_batches(model, tokenizer, image_processor, questions: list[dict], ima
     """Yields the answers of each batch of `batch_size` questions as soon as it is decoded (greedy, left-padded).
     `already_done` only starts the progress bar there (the questions given are the ones still to answer)."""
     import torch
-    from tqdm.auto import tqdm
 
     from data.llava import SampleError, encode, expand_image_tokens, load_image
 
     cfg = model.config
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
 
     def apply(messages, add_generation_prompt=True):  # used by the "chat" template only
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -109,23 +106,37 @@ def answer_batches(model, tokenizer, image_processor, questions: list[dict], ima
                     raise InputError(f"question {q['question_id']}: {e}") from None
         width = max(len(r) for r in rows)
         pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        return input_ids, attention, torch.stack(images) if images else None
+        inputs = {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+                  "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+        if images:
+            inputs["pixel_values"] = torch.stack(images)
+        return inputs
 
+    yield from _decode(model, tokenizer, questions, prepare, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       model_id=model_id, progress=progress, already_done=already_done)
+
+
+def _decode(model, tokenizer, questions: list[dict], prepare, *, batch_size: int, max_new_tokens: int, model_id: str,
+            progress: bool, already_done: int):
+    """Greedy answers, a batch at a time: `prepare(batch)` (the model's CPU inputs, left-padded) runs in a thread
+    for the next batch while the model decodes this one (as LLaVA's DataLoader workers read images ahead)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
     bar = tqdm(total=already_done + len(questions), initial=already_done, disable=not progress, desc="generate",
                unit="q")
     with ThreadPoolExecutor(max_workers=1) as pool:
         upcoming = pool.submit(prepare, batches[0]) if batches else None
         for k, batch in enumerate(batches):
-            input_ids, attention, pixels = upcoming.result()
+            inputs = upcoming.result()
             upcoming = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
-            width = input_ids.shape[1]
+            inputs = {key: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for key, v in inputs.items()}
+            width = inputs["input_ids"].shape[1]
             with torch.no_grad():
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                     pixel_values=None if pixels is None else pixels.to(device, dtype),
-                                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             # "prompt" is the question text, as in LLaVA's answer files: TextVQA is matched on it
@@ -141,14 +152,9 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
     """As `answer_batches`, for any image-text-to-text model: each question becomes a user message (an image item,
     then the text) rendered by the processor's chat template with the generation prompt; the processor makes
     every input its model needs. Greedy, left-padded."""
-    import torch
-    from tqdm.auto import tqdm
     from PIL import Image
 
     from data.vlm_chat import add_special_tokens
-
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
 
     def prepare(batch: list[dict]):
         texts, images = [], []
@@ -168,25 +174,8 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
         return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt",
                          add_special_tokens=add_special_tokens(processor.tokenizer, texts[0]))
 
-    batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
-    bar = tqdm(total=already_done + len(questions), initial=already_done, disable=not progress, desc="generate",
-               unit="q")
-    tokenizer = processor.tokenizer
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        upcoming = pool.submit(prepare, batches[0]) if batches else None
-        for k, batch in enumerate(batches):
-            inputs = upcoming.result()
-            upcoming = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
-            inputs = {key: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for key, v in inputs.items()}
-            width = inputs["input_ids"].shape[1]
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            yield [{"question_id": q["question_id"], "prompt": q["text"], "text": text.strip(), "model_id": model_id}
-                   for q, text in zip(batch, texts)]
-            bar.update(len(batch))
-    bar.close()
+    yield from _decode(model, processor.tokenizer, questions, prepare, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, model_id=model_id, progress=progress, already_done=already_done)
 
 
 def run_settings(args) -> dict:

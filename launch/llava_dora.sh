@@ -8,9 +8,7 @@
 # Uses every local GPU; without a GPU, 2 CPU processes talking over gloo. NUM_GPUS overrides the count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-DEEPSPEED=${DEEPSPEED:-$(dirname "$PYTHON")/deepspeed}
-[ -x "$DEEPSPEED" ] || DEEPSPEED=deepspeed
+source launch/deepspeed_env.sh
 
 demo=0
 if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then
@@ -21,21 +19,7 @@ else
   shift
 fi
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  gpus=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
-  [ "$demo" = 1 ] && gpus=$(( gpus < 2 ? gpus : 2 ))   # the demo's global batch is 8 = 4 x 2 processes
-else
-  gpus=${NUM_GPUS:-2}
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-fi
-
-launcher=("$DEEPSPEED" --num_gpus "$gpus" --master_port "${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}")
-if [ -n "${HOSTFILE:-}" ]; then
-  launcher=("$DEEPSPEED" --hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}" --num_gpus "$gpus"
-            --master_addr "${MASTER_ADDR:-$(hostname)}" --master_port "${MASTER_PORT:-29500}")
-fi
-
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+deepspeed_launcher "$(( demo ? 2 : 0 ))"   # the demo's global batch is 8 = 4 x 2 processes
 if [ "$demo" = 1 ]; then
   "$PYTHON" -m recipes.llava.demo prepare --root runs/demo
 fi

@@ -11,9 +11,7 @@
 # After training, `python -m recipes.vlbart.evaluate RUN_DIR` scores the run (the demo does it here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-DEEPSPEED=${DEEPSPEED:-$(dirname "$PYTHON")/deepspeed}
-[ -x "$DEEPSPEED" ] || DEEPSPEED=deepspeed
+source launch/deepspeed_env.sh
 
 kind=image
 if [ "${1:-}" = video ]; then
@@ -31,21 +29,7 @@ fi
 demo_args=(--root "runs/vlbart_demo")
 [ "$kind" = video ] && demo_args=(--video --root "runs/vlbart_video_demo")
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  gpus=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
-  [ "$demo" = 1 ] && gpus=$(( gpus < 2 ? gpus : 2 ))   # the demo's task batches are sized for 2 processes
-else
-  gpus=${NUM_GPUS:-2}
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-fi
-
-launcher=("$DEEPSPEED" --num_gpus "$gpus" --master_port "${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}")
-if [ -n "${HOSTFILE:-}" ]; then
-  launcher=("$DEEPSPEED" --hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}" --num_gpus "$gpus"
-            --master_addr "${MASTER_ADDR:-$(hostname)}" --master_port "${MASTER_PORT:-29500}")
-fi
-
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+deepspeed_launcher "$(( demo ? 2 : 0 ))"   # the demo's task batches are sized for 2 processes
 if [ "$demo" = 1 ]; then
   "$PYTHON" -m recipes.vlbart.demo prepare "${demo_args[@]}"
 fi

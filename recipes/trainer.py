@@ -319,6 +319,16 @@ class TrainResult:
     paused: bool = False  # stopped at train.pause_at_step: rerun to continue
 
 
+def write_summary(out: Path, result: TrainResult, written: str, **extra) -> None:
+    """output_dir/train_summary.json (steps, losses, skipped samples by reason, and `extra`) and the run's last
+    line, which says where `written` the results are."""
+    summary = {"steps": result.global_step, "losses": result.losses, "skipped": dict(result.skipped), **extra}
+    (Path(out) / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
+    print(f"done: {result.global_step} steps, final loss {result.losses[-1]:.4f}; skipped samples: {skipped}; "
+          f"{written}", flush=True)
+
+
 class Trainer:
     """Runs a recipe's training under DeepSpeed. `loss_fn(engine, batch)` returns (loss, tokens in batch).
 
@@ -560,6 +570,20 @@ class Trainer:
             epoch += 1
         bar.close()
         return TrainResult(self.engine.global_steps, self.losses, self._gather_skips(self.skipped), self.paused)
+
+    def run(self) -> TrainResult:
+        """train() as a recipe's main() calls it: on a skip-rate stop every rank leaves the process group together
+        before the error goes up; a paused run (result.paused) says so and leaves it too."""
+        try:
+            result = self.train()
+        except TooManySkipsError:
+            self.close()  # every rank raised at the same step: leave the process group together
+            raise
+        if result.paused:
+            if self.is_main:
+                print(f"paused at step {result.global_step} (train.pause_at_step); run again to continue", flush=True)
+            self.close()
+        return result
 
     def close(self) -> None:
         """Wait for every rank, then leave the process group: no rank tears down connections another still uses,

@@ -1,6 +1,5 @@
 """data/vlm_chat.py: which tokens carry labels after each family's processor has expanded the image, the blank
 row of image-less micro-batches, and every sample that must be a counted skip."""
-import json
 
 import pytest
 import torch

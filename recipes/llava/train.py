@@ -9,7 +9,6 @@ Reads the config top to bottom: build the model (model:), adapt it (dora:), read
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -24,7 +23,7 @@ from data.llava import DataFormatError, LlavaCollator, LlavaDataConfig, LlavaDat
 from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.llava.model import LlavaModelConfig, build_llava  # noqa: E402
-from recipes.trainer import TooManySkipsError, TrainConfig, Trainer  # noqa: E402
+from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 
 
 def llava_loss(engine, batch: dict):
@@ -98,15 +97,8 @@ def main(argv=None) -> int:
               f"accumulation {trainer.accumulation} = global batch {train_cfg.global_batch_size}; "
               f"{trainer.total_steps} optimizer steps; precision {trainer.precision}; ZeRO stage "
               f"{trainer.zero_stage}", flush=True)
-    try:
-        result = trainer.train()
-    except TooManySkipsError:
-        trainer.close()  # every rank raised at the same step: leave the process group together
-        raise
+    result = trainer.run()
     if result.paused:
-        if trainer.is_main:
-            print(f"paused at step {result.global_step} (train.pause_at_step); run again to continue", flush=True)
-        trainer.close()
         return 0
 
     module = trainer.engine.module
@@ -119,12 +111,8 @@ def main(argv=None) -> int:
         tokenizer.save_pretrained(out / "tokenizer")
         image_processor.save_pretrained(out / "tokenizer")
         save_config(config, out / "config.yaml")
-        summary = {"steps": result.global_step, "losses": result.losses, "skipped": dict(result.skipped),
-                   "trainable_parameters": report.trainable, "total_parameters": report.total}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
-        print(f"done: {result.global_step} steps, final loss {result.losses[-1]:.4f}; skipped samples: {skipped}; "
-              f"adapter in {out / 'adapter'}", flush=True)
+        write_summary(out, result, f"adapter in {out / 'adapter'}", trainable_parameters=report.trainable,
+                      total_parameters=report.total)
     trainer.close()
     return 0
 

@@ -10,7 +10,6 @@ tokenizer, config.yaml (resolved) and train_summary.json. `python -m recipes.vlb
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -27,7 +26,7 @@ from data.vlbart import MultitaskDataset, TaskDataError, VLCollator  # noqa: E40
 from data.sampling import RoundRobinBatches  # noqa: E402
 from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
-from recipes.trainer import TooManySkipsError, TrainConfig, Trainer  # noqa: E402
+from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 from recipes.vlbart.model import VisualConfig, VLSeq2Seq  # noqa: E402
 from recipes.vlbart.tasks import TaskConfig, task_configs, task_dataset, task_loss  # noqa: E402
 
@@ -169,15 +168,8 @@ def main(argv=None) -> int:
         print(f"tasks: {per_task}; {trainer.world} processes; {trainer.steps_per_epoch} steps per epoch, "
               f"{trainer.total_steps} in all; precision {trainer.precision}; ZeRO stage {trainer.zero_stage}",
               flush=True)
-    try:
-        result = trainer.train()
-    except TooManySkipsError:
-        trainer.close()  # every rank raised at the same step: leave the process group together
-        raise
+    result = trainer.run()
     if result.paused:
-        if trainer.is_main:
-            print(f"paused at step {result.global_step} (train.pause_at_step); run again to continue", flush=True)
-        trainer.close()
         return 0
 
     module = trainer.engine.module
@@ -197,13 +189,8 @@ def main(argv=None) -> int:
                       {k: str(v) for k, v in meta.items()})
         tokenizer.save_pretrained(out / "tokenizer")
         save_config(config, out / "config.yaml")
-        summary = {"steps": result.global_step, "losses": result.losses, "skipped": dict(result.skipped),
-                   "method": method, "trainable": table, "trainable_parameters": trainable,
-                   "total_parameters": total}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
-        print(f"done: {result.global_step} steps, final loss {result.losses[-1]:.4f}; skipped samples: {skipped}; "
-              f"written to {out}", flush=True)
+        write_summary(out, result, f"written to {out}", method=method, trainable=table, trainable_parameters=trainable,
+                      total_parameters=total)
     trainer.close()
     return 0
 

@@ -14,7 +14,6 @@ train_summary.json. `python -m recipes.vlm.merge RUN --out DIR` writes the merge
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,7 +29,7 @@ from data.llava import DataFormatError  # noqa: E402
 from data.vlm_chat import ChatCollator, ChatDataConfig, ChatDataset  # noqa: E402
 from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
-from recipes.trainer import TooManySkipsError, TrainConfig, Trainer  # noqa: E402
+from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -109,15 +108,8 @@ def main(argv=None) -> int:
               f"{train_cfg.micro_batch_size} x accumulation {trainer.accumulation} = global batch "
               f"{train_cfg.global_batch_size}; {trainer.total_steps} optimizer steps; precision {trainer.precision}; "
               f"ZeRO stage {trainer.zero_stage}", flush=True)
-    try:
-        result = trainer.train()
-    except TooManySkipsError:
-        trainer.close()
-        raise
+    result = trainer.run()
     if result.paused:
-        if trainer.is_main:
-            print(f"paused at step {result.global_step} (train.pause_at_step); run again to continue", flush=True)
-        trainer.close()
         return 0
     module = trainer.engine.module
     state = trainer.full_fp32_state(adapter_state_dict(module))
@@ -127,12 +119,8 @@ def main(argv=None) -> int:
         export_peft(module, out / "adapter_peft", state_dict=state)
         processor.save_pretrained(out / "processor")
         save_config(config, out / "config.yaml")
-        summary = {"steps": result.global_step, "losses": result.losses, "skipped": dict(result.skipped),
-                   "trainable_parameters": report.trainable, "total_parameters": report.total}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
-        print(f"done: {result.global_step} steps, final loss {result.losses[-1]:.4f}; skipped samples: {skipped}; "
-              f"adapter in {out / 'adapter'}", flush=True)
+        write_summary(out, result, f"adapter in {out / 'adapter'}", trainable_parameters=report.trainable,
+                      total_parameters=report.total)
     trainer.close()
     return 0
 

@@ -1,0 +1,23 @@
+# Sourced by the launch scripts (run from the repository root): the Python and DeepSpeed to use, and
+# `deepspeed_launcher [MAX_GPUS]`, which sets the array `launcher`: every local GPU (NUM_GPUS overrides the count,
+# MAX_GPUS caps it), or without a GPU 2 CPU processes over gloo; with HOSTFILE, many nodes (NUM_NODES, MASTER_ADDR).
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+DEEPSPEED=${DEEPSPEED:-$(dirname "$PYTHON")/deepspeed}
+[ -x "$DEEPSPEED" ] || DEEPSPEED=deepspeed
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+
+deepspeed_launcher() {
+  local cap=${1:-0}
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    gpus=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+    if [ "$cap" -gt 0 ]; then gpus=$(( gpus < cap ? gpus : cap )); fi
+  else
+    gpus=${NUM_GPUS:-2}
+    export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  fi
+  launcher=("$DEEPSPEED" --num_gpus "$gpus" --master_port "${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}")
+  if [ -n "${HOSTFILE:-}" ]; then
+    launcher=("$DEEPSPEED" --hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}" --num_gpus "$gpus"
+              --master_addr "${MASTER_ADDR:-$(hostname)}" --master_port "${MASTER_PORT:-29500}")
+  fi
+}
