@@ -10,9 +10,11 @@ forward of PEFT LoRA, ours unmerged, ours merged and a plain Linear stack; and t
 step, each method measured in a fresh process. Ratios are to PEFT LoRA (eval: merged is to plain Linear).
 
 Each configuration is measured without dropout and with dropout (0.05, the paper's LLaVA setting) in both of
-our modes: "exact" (the official / PEFT form, a second base GEMM) and "lora-branch" (one GEMM). In the dropout
-rows PEFT LoRA and PEFT DoRA use the same dropout (PEFT DoRA has the exact form only); eval-mode forwards have
-no dropout, so those rows leave the eval columns empty.
+our modes: "exact" (the official / PEFT form, a second base product) and "lora-branch" (one GEMM). "exact" is
+what the layer does by default: on CPU in fp32 / fp64 at this dropout its second base product is sparse (over the
+dropped entries, see dora.layer.SPARSE_DROPOUT); where it is, an "exact (dense)" row, timed in the same rounds,
+shows the form with two dense base GEMMs. In the dropout rows PEFT LoRA and PEFT DoRA use the same dropout (PEFT
+DoRA has the exact form only); eval-mode forwards have no dropout, so those rows leave the eval columns empty.
 """
 from __future__ import annotations
 
@@ -30,12 +32,14 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dora.layer as dora_layer  # noqa: E402
 from dora import apply_dora, merge_dora  # noqa: E402
 from dora.layer import DROPOUT_MODES  # noqa: E402
 
 LAYERS = 4
 TRAIN_METHODS = ("peft_lora", "peft_dora", "ours")
 EVAL_METHODS = ("plain", "peft_lora", "ours", "ours_merged")
+EXACT_DENSE = "exact (dense)"  # the exact form with SPARSE_DROPOUT = "never"
 
 
 def stack(d_in: int, d_out: int, device, dtype) -> nn.Sequential:
@@ -77,6 +81,17 @@ def make_step(model: nn.Module, x: torch.Tensor):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def forced_dense(fn):
+    """fn with the exact dropout form's base products dense (dora.layer.SPARSE_DROPOUT = "never")."""
+    def run():
+        default, dora_layer.SPARSE_DROPOUT = dora_layer.SPARSE_DROPOUT, "never"
+        try:
+            fn()
+        finally:
+            dora_layer.SPARSE_DROPOUT = default
+    return run
 
 
 def make_eval(model: nn.Module, x: torch.Tensor):
@@ -142,6 +157,8 @@ def _rss_kb(field: str) -> int:
 def peak_memory_child(method, d_in, d_out, rank, tokens, device_name, dtype_name, dropout, mode) -> float:
     """Run in a fresh process: MB of peak memory one train step adds above the state before it."""
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
+    if mode == EXACT_DENSE:
+        dora_layer.SPARSE_DROPOUT, mode = "never", "exact"
     model = build(method, d_in, d_out, rank, device, dtype, dropout, mode)
     x = torch.randn(tokens, d_in, device=device, dtype=dtype)
     return step_peak_mb(make_step(model, x), device)
@@ -200,21 +217,30 @@ def run_config(d_in, d_out, rank, tokens, device, dtype, warmup, reps, budget_s,
 
 def run_dropout_config(d_in, d_out, rank, tokens, dropout, device, dtype, warmup, reps, budget_s,
                        measure_memory=True) -> list[dict]:
-    """Train steps with dropout: PEFT LoRA and PEFT DoRA with it, ours in each mode; one row per mode."""
+    """Train steps with dropout: PEFT LoRA and PEFT DoRA with it, ours in each mode; one row per mode, and one for
+    the exact mode forced dense where the default is sparse (timed in the same rounds as the default)."""
     x = torch.randn(tokens, d_in, device=device, dtype=dtype)
     steps = {m: make_step(build(m, d_in, d_out, rank, device, dtype, dropout), x) for m in ("peft_lora", "peft_dora")}
     steps.update({mode: make_step(build("ours", d_in, d_out, rank, device, dtype, dropout, mode), x)
                   for mode in DROPOUT_MODES})
+    sparse = dora_layer._sparse_dropout(x, 1.0 - dropout)
+    if sparse:
+        steps[EXACT_DENSE] = forced_dense(make_step(build("ours", d_in, d_out, rank, device, dtype, dropout), x))
     peft = time_interleaved({m: steps[m] for m in ("peft_lora", "peft_dora")}, device, warmup, reps, budget_s)
     rows = []
     for mode in DROPOUT_MODES:
-        ours = time_interleaved({"peft_lora": steps["peft_lora"], "ours": steps[mode]}, device, warmup, reps,
-                                budget_s)
-        rows.append({"shape": f"{d_in}x{d_out}", "rank": rank, "tokens": tokens, "dropout": dropout,
-                     "dropout_mode": mode, "train_s": dict(medians(ours), peft_dora=medians(peft)["peft_dora"]),
-                     "train_ratio": {"peft_dora": paired_ratio(peft, "peft_dora", "peft_lora"),
-                                     "ours": paired_ratio(ours, "ours", "peft_lora")},
-                     "eval_s": {}, "eval_ratio": {}, "peak_mb": {}})
+        timed = {"peft_lora": steps["peft_lora"], mode: steps[mode]}
+        if mode == "exact" and sparse:
+            timed[EXACT_DENSE] = steps[EXACT_DENSE]
+        ours = time_interleaved(timed, device, warmup, reps, budget_s)
+        for m in list(timed)[1:]:
+            rows.append({"shape": f"{d_in}x{d_out}", "rank": rank, "tokens": tokens, "dropout": dropout,
+                         "dropout_mode": m, "train_s": {"peft_lora": medians(ours)["peft_lora"],
+                                                        "ours": medians(ours)[m],
+                                                        "peft_dora": medians(peft)["peft_dora"]},
+                         "train_ratio": {"peft_dora": paired_ratio(peft, "peft_dora", "peft_lora"),
+                                         "ours": paired_ratio(ours, m, "peft_lora")},
+                         "eval_s": {}, "eval_ratio": {}, "peak_mb": {}})
     del steps
     if measure_memory:
         common = {m: peak_memory(m, d_in, d_out, rank, tokens, device, dtype, dropout)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
+import dora.layer as layer_module
 from dora import DoRALinear, apply_dora, factored_row_norm, squared_row_norm
 from dora.layer import _DoRAScaledLinear
 from dora_helpers import dense_dora
@@ -26,6 +27,40 @@ def make_layer(d_in, d_out, rank, dtype=torch.float64, bias=True, **options):
 
 def grads(y, tensors, gy):
     return torch.autograd.grad(y, tensors, gy)
+
+
+class _SparseCalls:
+    """Counts the sparse exact-dropout form's work: forward passes that computed W0 x~ from the dropped entries,
+    and the sampled products computed in backward (one per weight-row chunk, one more for the adapter)."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+        self.forward = self.sampled = 0
+        monkeypatch.setattr(layer_module, "_sparse_exact_dropout_output",
+                            self._counting("forward", layer_module._sparse_exact_dropout_output))
+        monkeypatch.setattr(torch.sparse, "sampled_addmm", self._counting("sampled", torch.sparse.sampled_addmm))
+
+    def _counting(self, name, fn):
+        def counted(*args, **kwargs):
+            setattr(self, name, getattr(self, name) + 1)
+            return fn(*args, **kwargs)
+        return counted
+
+    def force(self, form, chunk_elements=None):
+        """Set dora.layer.SPARSE_DROPOUT (and the chunk size), and reset the counts."""
+        self.monkeypatch.setattr(layer_module, "SPARSE_DROPOUT", form)
+        if chunk_elements is not None:
+            self.monkeypatch.setattr(layer_module, "_SPARSE_CHUNK_ELEMENTS", chunk_elements)
+        self.forward = self.sampled = 0
+
+    @property
+    def counts(self):
+        return self.forward, self.sampled
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch):
+    return _SparseCalls(monkeypatch)
 
 
 @pytest.mark.parametrize("d_in,d_out,rank", SHAPES)
@@ -92,11 +127,13 @@ def test_gradcheck_non_detached_layer():
     assert torch.autograd.gradcheck(f, inputs)
 
 
-@pytest.mark.parametrize("form", ["no-dropout", "lora-branch", "exact", "exact-magnitude-only"])
-def test_gradcheck_scaled_linear_function(form):
+@pytest.mark.parametrize("form", ["no-dropout", "lora-branch", "exact", "exact-magnitude-only", "exact-sparse",
+                                  "exact-sparse-magnitude-only"])
+def test_gradcheck_scaled_linear_function(form, sparse_calls):
     # The custom autograd Function with g an input (what the detached variant computes): all of its analytic
     # gradients against finite differences, with bias and adapter, without dropout and with a fixed dropout mask
-    # in either mode.
+    # in either mode, the exact one in its dense and its sparse form (in chunks of one weight row).
+    sparse_calls.force("always" if "sparse" in form else "never", chunk_elements=1)
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     mask = None if form == "no-dropout" else torch.rand(2, 5, 6) > 0.3
     W = torch.randn(4, 6, dtype=torch.float64)
@@ -109,6 +146,7 @@ def test_gradcheck_scaled_linear_function(form):
     def f(x, b, g, A=None, B=None):
         return _DoRAScaledLinear.apply(x, mask, W, b, A, B, g, 0.5, 0.7, form.startswith("exact"), False)
     assert torch.autograd.gradcheck(f, [x, b, g] + adapter)
+    assert (sparse_calls.forward > 0 and sparse_calls.sampled > 0) == ("sparse" in form)
 
 
 def test_magnitude_only_layer():
@@ -549,6 +587,127 @@ def test_exact_dropout_output_and_gradients_match_the_formula(magnitude_only):
     gy = torch.randn_like(y)
     for got, want in zip(grads(y, params, gy), grads(ref, params, gy)):
         torch.testing.assert_close(got, want)
+
+
+def _exact_dropout_run(layer, x, gy, params):
+    torch.manual_seed(7)
+    y = layer(x)
+    return (y, *grads(y, params, gy))
+
+
+@pytest.mark.parametrize("shape", [(7, 40), (3, 5, 40)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("magnitude_only", [False, True])
+def test_sparse_exact_dropout_equals_dense_form(shape, bias, x_grad, magnitude_only, sparse_calls):
+    # Same seed, same mask: the sparse form (W0 x~ = (W0 x - W0 r) / keep, a sampled product in backward) gives the
+    # dense form's output and gradients up to rounding, in float64; with chunks of 3 weight rows (4 chunks).
+    if magnitude_only:
+        layer = DoRALinear.from_linear(nn.Linear(40, 12, bias=bias).double(), magnitude_only=True, dropout=0.3)
+        with torch.no_grad():
+            layer.magnitude.mul_(1 + 0.3 * torch.rand(12, dtype=torch.float64))
+        if bias:
+            layer.bias.requires_grad_(True)
+    else:
+        layer = make_layer(40, 12, 4, bias=bias, dropout=0.3)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=x_grad)
+    gy = torch.randn(*shape[:-1], 12, dtype=torch.float64)
+    params = ([x] if x_grad else []) + [layer.magnitude] + ([layer.bias] if bias else [])
+    params += [] if magnitude_only else [layer.lora_A, layer.lora_B]
+    sparse_calls.force("never")
+    dense = _exact_dropout_run(layer, x, gy, params)
+    assert sparse_calls.counts == (0, 0)
+    sparse_calls.force("always", chunk_elements=3 * 40)
+    sparse = _exact_dropout_run(layer, x, gy, params)
+    assert sparse_calls.counts == (1, (4 + (not magnitude_only)) if x_grad else 0)
+    for got, want in zip(sparse, dense):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the no-grad path (training mode, no graph) takes the same form
+        torch.manual_seed(7)
+        torch.testing.assert_close(layer(x), dense[0], rtol=1e-12, atol=1e-12)
+    assert sparse_calls.forward == 2
+
+
+def test_sparse_exact_dropout_equals_dense_form_in_fp32(sparse_calls):
+    # fp32 at the paper's p = 0.05 and a wider layer: the two forms differ by float rounding only
+    layer = make_layer(256, 192, 8, dtype=torch.float32, dropout=0.05)
+    x = torch.randn(4, 32, 256, requires_grad=True)
+    gy = torch.randn(4, 32, 192)
+    params = [x, layer.lora_A, layer.lora_B, layer.magnitude, layer.bias]
+    sparse_calls.force("never")
+    dense = _exact_dropout_run(layer, x, gy, params)
+    sparse_calls.force("always")
+    sparse = _exact_dropout_run(layer, x, gy, params)
+    assert sparse_calls.counts == (1, 2)
+    for got, want in zip(sparse, dense):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_sparse_exact_dropout_is_chosen_where_it_pays(sparse_calls, monkeypatch):
+    from dora.layer import SPARSE_DROPOUT_MAX_P, SPARSE_DROPOUT_MIN_ROWS, _sparse_dropout
+    assert layer_module.SPARSE_DROPOUT == "auto"
+    x = torch.randn(2, SPARSE_DROPOUT_MIN_ROWS // 2, 8)
+    assert _sparse_dropout(x, 1 - 0.05) and _sparse_dropout(x.double(), 1 - 0.05)
+    assert _sparse_dropout(x, 1 - SPARSE_DROPOUT_MAX_P)
+    assert not _sparse_dropout(x, 1 - 1.5 * SPARSE_DROPOUT_MAX_P)
+    assert not _sparse_dropout(x[:, 1:], 1 - 0.05)  # too few rows
+    assert not _sparse_dropout(x.bfloat16(), 1 - 0.05)  # no bf16 CSR kernels on CPU
+    assert not _sparse_dropout(x.to("meta"), 1 - 0.05)  # not CPU: dense
+    monkeypatch.setattr(layer_module, "SPARSE_DROPOUT", "always")  # honoured where supported
+    assert _sparse_dropout(x[:, :2], 0.5) and not _sparse_dropout(x.bfloat16(), 0.5)
+    assert not _sparse_dropout(x.to("meta"), 0.5)
+    monkeypatch.setattr(layer_module, "SPARSE_DROPOUT", "never")
+    assert not _sparse_dropout(x, 1 - 0.05)
+    monkeypatch.setattr(layer_module, "SPARSE_DROPOUT", "sparse")
+    with pytest.raises(ValueError, match="SPARSE_DROPOUT must be one of"):
+        _sparse_dropout(x, 1 - 0.05)
+    # through a layer: sparse at p = 0.05, dense above the threshold or with few rows
+    for p, rows, counts in [(0.05, SPARSE_DROPOUT_MIN_ROWS, (1, 2)), (1.5 * SPARSE_DROPOUT_MAX_P, 1024, (0, 0)),
+                            (0.05, SPARSE_DROPOUT_MIN_ROWS - 1, (0, 0))]:
+        sparse_calls.force("auto")
+        layer = make_layer(16, 12, 4, dtype=torch.float32, dropout=p)
+        layer(torch.randn(rows, 16, requires_grad=True)).sum().backward()
+        assert sparse_calls.counts == counts
+
+
+def test_sparse_exact_dropout_stays_out_of_compiled_graphs(sparse_calls):
+    # The number of dropped entries is data-dependent (nonzero): under torch.compile the dense form keeps one graph,
+    # even where the sparse one is forced.
+    import torch._dynamo as dynamo
+    sparse_calls.force("always")
+    layer = make_layer(16, 12, 4, dtype=torch.float32, dropout=0.05)
+    dynamo.reset()
+    explained = dynamo.explain(lambda x: layer(x).sum())(torch.randn(8, 16, requires_grad=True))
+    dynamo.reset()
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_training_with_sparse_exact_dropout_follows_the_dense_form(sparse_calls):
+    # A few AdamW steps of a small network in float64 with dropout 0.05 on its adapted layers (one of them
+    # magnitude-only): the same losses in both forms (same seeds, so the same masks).
+    from dora_helpers import TinyNet
+    rules = [{"match": r"layers\.\d+\.(q_proj|v_proj|up|down)", "rank": 4, "alpha": 8, "dropout": 0.05},
+             {"match": "embed", "magnitude_only": True, "dropout": 0.05}]
+    x, target = torch.randn(8, 6, 12, dtype=torch.float64), torch.randn(8, 6, 5, dtype=torch.float64)
+    losses = {}
+    for form in ("never", "always"):
+        sparse_calls.force(form)
+        torch.manual_seed(0)
+        model = TinyNet().double()
+        apply_dora(model, rules, verbose=False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(1)
+        losses[form] = []
+        for _ in range(4):
+            loss = (model(x) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[form].append(loss.item())
+        # 9 adapted layers; the input needs no gradient in the embedding, so 8 sampled products per step
+        assert sparse_calls.counts == ((4 * 9, 4 * 8 * 2) if form == "always" else (0, 0))
+    assert losses["always"] == pytest.approx(losses["never"], rel=1e-10)
+    assert losses["always"][-1] < losses["always"][0]
 
 
 @pytest.mark.parametrize("mode", ["exact", "lora-branch"])
