@@ -5,11 +5,13 @@ whether the answers are the same.
     python bench/generate.py --size tiny     # the demo's model (2 layers, 96 wide), for a smoke run
 
 The model is a LLaVA built from configs (nothing can be downloaded here; random weights, see INIT_STD), or any
-saved LLaVA with --model (and --questions, --image-folder). The questions
-are the shapes demo's (one image each). Both settings run our `eval.generate.answer_batches` (greedy, left-padded
-batches); batch 1 performs the same computation as LLaVA's loop, which feeds one question per `generate` call.
-Rounds alternate the order of the two settings; the ratio is the median over rounds of the pair timed in the same
-round. The answers of the two settings are compared question by question.
+saved LLaVA with --model (and --questions-file, --image-folder). The questions are the shapes demo's: 3 per image,
+one after the other, as LLaVA's VQAv2 test-dev file lists them (107,394 questions on 36,807 images). Three settings
+run our `eval.generate.answer_batches` (greedy): batch 1 (the computation of LLaVA's loop, which feeds one question
+per `generate` call), batches of 16 as `eval generate` runs them (the questions of a batch about one image share the
+prompt's prefix up to the image, encoded once), and batches of 16 with every prompt encoded whole (left-padded).
+Rounds alternate the order of the settings; a ratio is the median over rounds of the pair timed in the same round.
+The answers of each setting are compared with batch 1's, question by question.
 """
 from __future__ import annotations
 
@@ -96,32 +98,40 @@ def main(argv=None) -> int:
     base = read_questions(question_file)
     questions = [base[k % len(base)] for k in range(args.questions)]
 
-    def answer(questions, batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
+    def answer(questions, batch_size: int, max_new_tokens: int, share: bool = True) -> tuple[float, list[str]]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         texts = [a["text"] for batch in answer_batches(model, tokenizer, image_processor, questions, images,
                                                        batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                                       progress=False) for a in batch]
+                                                       progress=False, share_prefixes=share) for a in batch]
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, texts
 
+    n = args.batch_size
+    settings = {"batch_1": (1, True), f"batch_{n}": (n, True), f"batch_{n}_whole": (n, False)}
+
     def measure(questions, max_new_tokens: int) -> dict:
-        answer(questions, args.batch_size, max_new_tokens)  # warm-up (allocator, kernels)
+        answer(questions, n, max_new_tokens)  # warm-up (allocator, kernels)
         rounds = []
         for r in range(args.rounds):
-            order = (1, args.batch_size) if r % 2 == 0 else (args.batch_size, 1)
-            timed = {b: answer(questions, b, max_new_tokens) for b in order}
-            rounds.append({"seconds_batch_1": timed[1][0], "seconds_batch_n": timed[args.batch_size][0],
-                           "speedup": timed[1][0] / timed[args.batch_size][0]})
-            single, batched = timed[1][1], timed[args.batch_size][1]
-        differ = [(q["question_id"], a, b) for q, a, b in zip(questions, single, batched) if a != b]
+            order = list(settings) if r % 2 == 0 else list(reversed(settings))
+            timed = {name: answer(questions, settings[name][0], max_new_tokens, settings[name][1]) for name in order}
+            rounds.append({f"seconds_{name}": timed[name][0] for name in settings}
+                          | {"speedup": timed["batch_1"][0] / timed[f"batch_{n}"][0],
+                             "speedup_whole": timed["batch_1"][0] / timed[f"batch_{n}_whole"][0]})
+            texts = {name: timed[name][1] for name in settings}
+        single = texts["batch_1"]
+        differ = {name: [(q["question_id"], a, b) for q, a, b in zip(questions, single, texts[name]) if a != b]
+                  for name in settings if name != "batch_1"}
         median = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
-        return {"max_new_tokens": max_new_tokens, "questions_per_s_batch_1": round(len(questions) / median(
-                    "seconds_batch_1"), 2), "questions_per_s_batch_n": round(len(questions) / median("seconds_batch_n"), 2),
-                "speedup_median": round(median("speedup"), 2), "rounds": rounds,
-                "identical_answers": len(questions) - len(differ), "different_answers": differ[:20],
+        return {"max_new_tokens": max_new_tokens,
+                **{f"questions_per_s_{name}": round(len(questions) / median(f"seconds_{name}"), 2)
+                   for name in settings},
+                "speedup_median": round(median("speedup"), 2), "speedup_whole_median": round(median("speedup_whole"), 2),
+                "rounds": rounds, "identical_answers": {name: len(questions) - len(d) for name, d in differ.items()},
+                "different_answers": {name: d[:20] for name, d in differ.items()},
                 "distinct_answers": len(set(single)), "example_answers": single[:4]}
 
     results = {}
@@ -133,6 +143,7 @@ def main(argv=None) -> int:
         results[workload] = measure(qs, tokens)
     result = {
         "setting": {"size": args.size, **SIZES[args.size], "device": device.type, "dtype": str(model.dtype),
+                    "questions_per_image": round(len(questions) / len({q.get("image") for q in questions}), 2),
                     "threads": args.threads, "questions": args.questions, "batch_size": args.batch_size,
                     "rounds": args.rounds, "torch": torch.__version__, "load_average_before": before,
                     "load_average_after": load_average()},
@@ -143,12 +154,15 @@ def main(argv=None) -> int:
     print(f"model: {args.size} ({SIZES[args.size]['layers']} layers, {SIZES[args.size]['hidden']} wide), "
           f"{device.type} {model.dtype}, {args.threads} thread(s); {args.questions} questions per setting and round, "
           f"{args.rounds} rounds; load average {before} -> {result['setting']['load_average_after']}")
-    print(f"{'workload':<8} {'new tokens':>10} {'batch 1 q/s':>12} {f'batch {args.batch_size} q/s':>13} "
-          f"{'speedup':>8} {'identical answers':>18}")
+    print(f"{'workload':<8} {'new tokens':>10} {'batch 1 q/s':>12} {f'batch {n} q/s':>13} {'speedup':>8} "
+          f"{'whole prompts q/s':>18} {'speedup':>8} {'identical answers':>18}")
     for workload, r in results.items():
+        same = r["identical_answers"]
         print(f"{workload:<8} {r['max_new_tokens']:>10} {r['questions_per_s_batch_1']:>12.2f} "
-              f"{r['questions_per_s_batch_n']:>13.2f} {r['speedup_median']:>7.2f}x "
-              f"{r['identical_answers']:>10}/{args.questions}   e.g. {r['example_answers'][:2]}")
+              f"{r[f'questions_per_s_batch_{n}']:>13.2f} {r['speedup_median']:>7.2f}x "
+              f"{r[f'questions_per_s_batch_{n}_whole']:>18.2f} {r['speedup_whole_median']:>7.2f}x "
+              f"{same[f'batch_{n}']:>6}/{args.questions} {same[f'batch_{n}_whole']:>4}/{args.questions}   "
+              f"e.g. {r['example_answers'][:2]}")
     print(f"results: {out}")
     return 0
 

@@ -7,7 +7,9 @@
 
 Questions are LLaVA's JSONL: {"question_id", "image" (optional), "text"}. Answers are LLaVA's answer-file
 format: {"question_id", "prompt", "text", "model_id"}, which `python -m eval score` reads. Decoding is greedy
-(temperature 0), as in the paper's evaluation, in batches of --batch-size questions, left-padded.
+(temperature 0), as in the paper's evaluation, in batches of --batch-size questions, left-padded. Questions of
+a batch about the same image (VQAv2's file lists ~3 per image one after the other) have their prompt up to the
+image encoded once and share it (`shared_image_prefixes`); the answers are those of one question at a time.
 
 Each batch's answers are appended to --out as soon as they are decoded; rerunning the same command after a crash
 continues where it stopped (eval/answer_log.py: what counts as "the same", and --restart).
@@ -75,9 +77,11 @@ def generate_answers(model, tokenizer, image_processor, questions: list[dict], i
 def answer_batches(model, tokenizer, image_processor, questions: list[dict], image_folder: Path, *,
                    template: str = "vicuna_v1", batch_size: int = 16, max_new_tokens: int = 128,
                    image_aspect_ratio: str = "pad", model_id: str = "", progress: bool = True,
-                   already_done: int = 0):
+                   already_done: int = 0, share_prefixes: bool = True):
     """Yields the answers of each batch of `batch_size` questions as soon as it is decoded (greedy, left-padded).
-    `already_done` only starts the progress bar there (the questions given are the ones still to answer)."""
+    `already_done` only starts the progress bar there (the questions given are the ones still to answer).
+    `share_prefixes`: questions of a batch about the same image have the prompt up to the image encoded once
+    (`shared_image_prefixes`); False encodes every prompt whole (the answers are the same)."""
     import torch
 
     from data.llava import SampleError, encode, expand_image_tokens, load_image
@@ -89,7 +93,7 @@ def answer_batches(model, tokenizer, image_processor, questions: list[dict], ima
     def prepare(batch: list[dict]):
         """Prompt ids (left-padded) and pixels of a batch, on the CPU: run in a thread while the model decodes the
         batch before (images are read and resized off the critical path, as LLaVA's DataLoader workers do)."""
-        rows, images = [], []
+        rows, image_files = [], []
         for q in batch:
             has_image = bool(q.get("image"))
             prompt = render_prompt(q["text"], template, has_image=has_image, apply_chat_template=apply)
@@ -99,21 +103,86 @@ def answer_batches(model, tokenizer, image_processor, questions: list[dict], ima
             except SampleError as e:
                 raise InputError(f"question {q['question_id']}: {e}") from None
             rows.append(expand_image_tokens(ids, cfg.image_token_id, cfg.image_seq_length))
-            if has_image:
-                try:
-                    images.append(load_image(Path(image_folder) / q["image"], image_processor, image_aspect_ratio))
-                except SampleError as e:
-                    raise InputError(f"question {q['question_id']}: {e}") from None
-        width = max(len(r) for r in rows)
+            image_files.append(q["image"] if has_image else None)
+
+        def pixels(k):
+            try:
+                return load_image(Path(image_folder) / image_files[k], image_processor, image_aspect_ratio)
+            except SampleError as e:
+                raise InputError(f"question {batch[k]['question_id']}: {e}") from None
+
         pad = tokenizer.pad_token_id
+        shared = shared_image_prefixes(rows, image_files, cfg.image_token_id) if share_prefixes else None
+        if shared is not None:
+            return prefix_shared_inputs(rows, shared, pixels, pad)
+        width = max(len(r) for r in rows)
         inputs = {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
                   "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+        images = [pixels(k) for k, f in enumerate(image_files) if f]
         if images:
             inputs["pixel_values"] = torch.stack(images)
         return inputs
 
     yield from _decode(model, tokenizer, questions, prepare, batch_size=batch_size, max_new_tokens=max_new_tokens,
                        model_id=model_id, progress=progress, already_done=already_done)
+
+
+PREFIX_KEYS = ("prefix_ids", "prefix_pixel_values", "prefix_of_row")  # prefix_shared_inputs' extra inputs
+
+
+def shared_image_prefixes(rows: list[list[int]], image_files: list, image_token_id: int):
+    """Which questions of a batch can share their prompt's prefix: LLaVA's prompts are the system text, the image's
+    tokens, then the question, so the ids up to the last image token are the same for every question about that
+    image (VQAv2 asks ~3 questions per image, GQA ~30, POPE 6 per split; their files list them one after the other).
+    Returns (prefix length, prefix index of each row, the row each prefix is read from), or None when there is nothing to share or
+    the layout does not allow it: a row without an image, prefixes of different lengths (they must all end where
+    the cache ends), or no image asked about twice."""
+    cut_at, groups, prefix_of_row, first_rows = set(), {}, [], []
+    for k, (ids, image) in enumerate(zip(rows, image_files)):
+        if not image or image_token_id not in ids:
+            return None
+        cut = len(ids) - ids[::-1].index(image_token_id)
+        if cut == len(ids):  # nothing after the image: generate needs at least one id past the cache
+            return None
+        cut_at.add(cut)
+        key = (image, tuple(ids[:cut]))
+        if key not in groups:
+            groups[key] = len(first_rows)
+            first_rows.append(k)
+        prefix_of_row.append(groups[key])
+    if len(cut_at) != 1 or len(first_rows) == len(rows):
+        return None
+    return cut_at.pop(), prefix_of_row, first_rows
+
+
+def prefix_shared_inputs(rows: list[list[int]], shared, pixels, pad: int) -> dict:
+    """A batch laid out for a shared prefix cache: each row is its prefix (P ids, the same length for all), padding,
+    then its ids after the image, so the cached prefixes fill positions 0..P-1 of every row. The padding sits between
+    prefix and question, masked; generate counts positions from the mask, so each question is at the positions it
+    has alone. Each distinct prefix's image is read once."""
+    import torch
+
+    cut, prefix_of_row, first_rows = shared
+    tails = [r[cut:] for r in rows]
+    width = max(len(t) for t in tails)
+    return {"input_ids": torch.tensor([r[:cut] + [pad] * (width - len(t)) + t for r, t in zip(rows, tails)]),
+            "attention_mask": torch.tensor([[1] * cut + [0] * (width - len(t)) + [1] * len(t) for t in tails]),
+            "prefix_ids": torch.tensor([rows[k][:cut] for k in first_rows]),
+            "prefix_pixel_values": torch.stack([pixels(k) for k in first_rows]),
+            "prefix_of_row": torch.tensor(prefix_of_row)}
+
+
+def prefix_cache(model, prefix_ids, prefix_pixel_values, prefix_of_row) -> dict:
+    """generate's cache argument holding each distinct prefix encoded once (the language model's keys and values,
+    no logits), copied to the rows that share it."""
+    import inspect
+
+    out = model.model(input_ids=prefix_ids, pixel_values=prefix_pixel_values, use_cache=True)
+    # transformers 5 calls it `cache`, 4.x `past_key_values`
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = getattr(out, name)
+    cache.batch_select_indices(prefix_of_row)
+    return {name: cache}
 
 
 def _decode(model, tokenizer, questions: list[dict], prepare, *, batch_size: int, max_new_tokens: int, model_id: str,
@@ -136,6 +205,8 @@ def _decode(model, tokenizer, questions: list[dict], prepare, *, batch_size: int
             inputs = {key: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for key, v in inputs.items()}
             width = inputs["input_ids"].shape[1]
             with torch.no_grad():
+                if "prefix_ids" in inputs:
+                    inputs.update(prefix_cache(model, *(inputs.pop(key) for key in PREFIX_KEYS)))
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

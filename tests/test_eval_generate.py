@@ -208,3 +208,73 @@ def test_a_model_given_by_hub_id_must_be_in_the_local_cache(tmp_path, monkeypatc
     with pytest.raises(InputError, match="not a hub id in the local cache"):
         weights_fingerprint("nobody/no-such-model")
     assert weights_fingerprint(tmp_path) == []  # a local folder: its files (none here)
+
+
+# ------------------------------------------------------------------------------------ shared image prefixes
+IMG = 9  # the image token id in the unit tests below
+
+
+def test_questions_about_one_image_share_the_prompt_up_to_the_image():
+    from eval.generate import shared_image_prefixes
+
+    system = [1, 5, 6]
+    rows = [system + [IMG] * 3 + [7, 8], system + [IMG] * 3 + [4], system + [IMG] * 3 + [2, 2, 2],
+            system + [IMG] * 3 + [7]]
+    # two questions about a.png, one about b.png (same ids up to the image: the file tells them apart), a.png again
+    assert shared_image_prefixes(rows, ["a.png", "a.png", "b.png", "a.png"], IMG) == (6, [0, 0, 1, 0], [0, 2])
+    assert shared_image_prefixes(rows, ["a.png", "b.png", "c.png", "d.png"], IMG) is None  # no image asked twice
+    assert shared_image_prefixes(rows, ["a.png", "a.png", None, "a.png"], IMG) is None  # a question without image
+    longer = [system + [3] + [IMG] * 3 + [7]]  # another system text: a prefix of another length
+    assert shared_image_prefixes(rows + longer, ["a.png"] * 5, IMG) is None
+    assert shared_image_prefixes([system + [IMG] * 3] * 2, ["a.png"] * 2, IMG) is None  # nothing after the image
+
+
+@pytest.fixture(scope="module")
+def wide_llava(llava_dir):
+    """The tiny LLaVA with its language model drawn wide (std 0.2): greedy answers then differ from question to
+    question, and any change in what a question sees (a padding token attended to, a position shifted) changes
+    them (the briefly pretrained model answers nearly everything alike)."""
+    import torch
+
+    from eval.generate import load_model
+
+    model, tokenizer, image_processor = load_model(str(llava_dir), dtype="fp32")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.model.language_model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    return model, tokenizer, image_processor
+
+
+def test_batched_answers_with_shared_image_prefixes_equal_one_question_at_a_time(llava_assets, wide_llava,
+                                                                                 monkeypatch):
+    """The demo's question file asks 3 questions per image one after the other (as VQAv2's does). Batches of 5 with
+    the prefix shared, batches of 5 without, and one question at a time (LLaVA's loop) give the same answers; the
+    shared path is taken in every batch that repeats an image."""
+    import eval.generate as generate
+    from eval.answer_log import read_questions
+
+    model, tokenizer, image_processor = wide_llava
+    questions = read_questions(llava_assets["questions"])
+    assert len(questions) == 12 and len({q["image"] for q in questions}) == 4
+    shared_batches = []
+    real_prefix_cache = generate.prefix_cache
+
+    def counted(model, ids, pixels, rows):
+        shared_batches.append((ids.shape[0], rows.tolist()))
+        return real_prefix_cache(model, ids, pixels, rows)
+    monkeypatch.setattr(generate, "prefix_cache", counted)
+
+    def answer(batch_size, share):
+        return [a["text"] for batch in generate.answer_batches(
+            model, tokenizer, image_processor, questions, llava_assets["images"], batch_size=batch_size,
+            max_new_tokens=8, progress=False, share_prefixes=share) for a in batch]
+
+    one_by_one = answer(1, True)
+    assert shared_batches == []  # a batch of one has nothing to share
+    assert answer(5, False) == one_by_one and shared_batches == []
+    assert answer(5, True) == one_by_one
+    # batches: questions 0-4 (images 0,0,0,1,1), 5-9 (1,2,2,2,3), 10-11 (3,3)
+    assert shared_batches == [(2, [0, 0, 0, 1, 1]), (3, [0, 1, 1, 1, 2]), (1, [0, 0])]
+    assert len(set(one_by_one)) >= 9, one_by_one  # answers that tell questions apart
