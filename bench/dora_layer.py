@@ -223,7 +223,7 @@ def run_dropout_config(d_in, d_out, rank, tokens, dropout, device, dtype, warmup
     steps = {m: make_step(build(m, d_in, d_out, rank, device, dtype, dropout), x) for m in ("peft_lora", "peft_dora")}
     steps.update({mode: make_step(build("ours", d_in, d_out, rank, device, dtype, dropout, mode), x)
                   for mode in DROPOUT_MODES})
-    sparse = dora_layer._sparse_dropout(x, 1.0 - dropout)
+    sparse = dora_layer._sparse_dropout(x, torch.empty(d_out, d_in, device="meta"), 1.0 - dropout)
     if sparse:
         steps[EXACT_DENSE] = forced_dense(make_step(build("ours", d_in, d_out, rank, device, dtype, dropout), x))
     peft = time_interleaved({m: steps[m] for m in ("peft_lora", "peft_dora")}, device, warmup, reps, budget_s)

@@ -38,7 +38,7 @@ DROPOUT_MODES = ("exact", "lora-branch")
 
 # The exact dropout form's second base GEMM, W0 x~, from the dropped entries alone (`_sparse_exact_dropout_output`):
 # "auto" where that is faster (CPU, fp32 / fp64, dropout <= SPARSE_DROPOUT_MAX_P, at least SPARSE_DROPOUT_MIN_ROWS
-# rows, i.e. tokens), "always" wherever it is supported (CPU, fp32 / fp64: PyTorch's CPU CSR kernels have no bf16;
+# rows, i.e. tokens, and a weight of at least SPARSE_DROPOUT_MIN_WEIGHT elements), "always" wherever it is supported (CPU, fp32 / fp64: PyTorch's CPU CSR kernels have no bf16;
 # not under torch.compile), "never". CUDA stays dense: cuSPARSE at a random 5 % density is not expected to beat a
 # dense tensor-core GEMM (not measured: no GPU here).
 SPARSE_DROPOUT = "auto"
@@ -46,8 +46,10 @@ SPARSE_DROPOUT_FORMS = ("auto", "always", "never")
 # One layer's forward + backward on CPU in fp32 (rank 16, 1 and 2 threads, out x in from 1024 x 1024 to 4096 x 4096)
 # with 256 or 1024 rows took 0.62-0.89x the dense form's time at p = 0.05, 0.69-0.96x at 0.1, 0.78-1.02x at 0.15,
 # 0.88-1.12x at 0.2, 1.03-1.21x at 0.3; with 16 to 128 rows 0.74-1.46x at p = 0.05 (mostly above 1x at 2 threads).
+# Narrow layers lose: 96 x 96 to 192 x 96 took 0.97-1.38x (256 / 1024 rows, 1 and 2 threads), 256 x 256 0.70-0.98x.
 SPARSE_DROPOUT_MAX_P = 0.1
 SPARSE_DROPOUT_MIN_ROWS = 256
+SPARSE_DROPOUT_MIN_WEIGHT = 256 * 256
 _SPARSE_CHUNK_ELEMENTS = 1 << 18  # W0 elements per sparse product (see `_weight_row_chunks`)
 
 # Bumped after every optimizer step in this process (any torch.optim.Optimizer, including the ones inside
@@ -187,7 +189,7 @@ def _exact_dropout_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling)
     return y, xa, h
 
 
-def _sparse_dropout(x: torch.Tensor, keep: float) -> bool:
+def _sparse_dropout(x: torch.Tensor, weight: torch.Tensor, keep: float) -> bool:
     """Whether the exact dropout form of this input takes the sparse form (see `SPARSE_DROPOUT`). Not under
     torch.compile: the number of dropped entries is data-dependent (nonzero), which would break the graph."""
     if SPARSE_DROPOUT not in SPARSE_DROPOUT_FORMS:
@@ -196,7 +198,8 @@ def _sparse_dropout(x: torch.Tensor, keep: float) -> bool:
             or torch.compiler.is_compiling()):
         return False
     return SPARSE_DROPOUT == "always" or (1.0 - keep <= SPARSE_DROPOUT_MAX_P
-                                          and x.numel() >= SPARSE_DROPOUT_MIN_ROWS * x.shape[-1])
+                                          and x.numel() >= SPARSE_DROPOUT_MIN_ROWS * x.shape[-1]
+                                          and weight.numel() >= SPARSE_DROPOUT_MIN_WEIGHT)
 
 
 def _dropped_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -269,7 +272,7 @@ class _DoRAScaledLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask, weight, bias, lora_A, lora_B, g, scaling, keep, exact_dropout, inplace_safe):
         gm1 = (g - 1.0).to(x.dtype)
-        sparse = exact_dropout and _sparse_dropout(x, keep)
+        sparse = exact_dropout and _sparse_dropout(x, weight, keep)
         if sparse:
             dropped = _dropped_positions(mask)
             y, xa, kept = _sparse_exact_dropout_output(x, dropped, keep, weight, bias, lora_A, lora_B, gm1, scaling)
@@ -588,7 +591,7 @@ class DoRALinear(nn.Module):
         if not torch.is_grad_enabled() or not (x.requires_grad or any(p is not None and p.requires_grad
                                                                     for p in trainable)):
             gm1 = self._cached_gm1(dtype)
-            if exact_dropout and _sparse_dropout(x, keep):
+            if exact_dropout and _sparse_dropout(x, weight, keep):
                 return _sparse_exact_dropout_output(x, _dropped_positions(mask), keep, weight, bias, lora_A, lora_B,
                                                     gm1, self.scaling)[0]
             x_drop = None if mask is None else _dropped(x, mask, keep)

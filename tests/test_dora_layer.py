@@ -644,29 +644,31 @@ def test_sparse_exact_dropout_equals_dense_form_in_fp32(sparse_calls):
 
 
 def test_sparse_exact_dropout_is_chosen_where_it_pays(sparse_calls, monkeypatch):
-    from dora.layer import SPARSE_DROPOUT_MAX_P, SPARSE_DROPOUT_MIN_ROWS, _sparse_dropout
+    from dora.layer import SPARSE_DROPOUT_MAX_P, SPARSE_DROPOUT_MIN_ROWS, SPARSE_DROPOUT_MIN_WEIGHT, _sparse_dropout
     assert layer_module.SPARSE_DROPOUT == "auto"
-    x = torch.randn(2, SPARSE_DROPOUT_MIN_ROWS // 2, 8)
-    assert _sparse_dropout(x, 1 - 0.05) and _sparse_dropout(x.double(), 1 - 0.05)
-    assert _sparse_dropout(x, 1 - SPARSE_DROPOUT_MAX_P)
-    assert not _sparse_dropout(x, 1 - 1.5 * SPARSE_DROPOUT_MAX_P)
-    assert not _sparse_dropout(x[:, 1:], 1 - 0.05)  # too few rows
-    assert not _sparse_dropout(x.bfloat16(), 1 - 0.05)  # no bf16 CSR kernels on CPU
-    assert not _sparse_dropout(x.to("meta"), 1 - 0.05)  # not CPU: dense
+    x, w = torch.randn(2, SPARSE_DROPOUT_MIN_ROWS // 2, 256), torch.empty(SPARSE_DROPOUT_MIN_WEIGHT // 256, 256)
+    assert _sparse_dropout(x, w, 1 - 0.05) and _sparse_dropout(x.double(), w, 1 - 0.05)
+    assert _sparse_dropout(x, w, 1 - SPARSE_DROPOUT_MAX_P)
+    assert not _sparse_dropout(x, w, 1 - 1.5 * SPARSE_DROPOUT_MAX_P)
+    assert not _sparse_dropout(x[:, 1:], w, 1 - 0.05)  # too few rows
+    assert not _sparse_dropout(x, w[1:], 1 - 0.05)  # too small a layer
+    assert not _sparse_dropout(x.bfloat16(), w, 1 - 0.05)  # no bf16 CSR kernels on CPU
+    assert not _sparse_dropout(x.to("meta"), w, 1 - 0.05)  # not CPU: dense
     monkeypatch.setattr(layer_module, "SPARSE_DROPOUT", "always")  # honoured where supported
-    assert _sparse_dropout(x[:, :2], 0.5) and not _sparse_dropout(x.bfloat16(), 0.5)
-    assert not _sparse_dropout(x.to("meta"), 0.5)
+    assert _sparse_dropout(x[:, :2], w[:2], 0.5) and not _sparse_dropout(x.bfloat16(), w, 0.5)
+    assert not _sparse_dropout(x.to("meta"), w, 0.5)
     monkeypatch.setattr(layer_module, "SPARSE_DROPOUT", "never")
-    assert not _sparse_dropout(x, 1 - 0.05)
+    assert not _sparse_dropout(x, w, 1 - 0.05)
     monkeypatch.setattr(layer_module, "SPARSE_DROPOUT", "sparse")
     with pytest.raises(ValueError, match="SPARSE_DROPOUT must be one of"):
-        _sparse_dropout(x, 1 - 0.05)
-    # through a layer: sparse at p = 0.05, dense above the threshold or with few rows
-    for p, rows, counts in [(0.05, SPARSE_DROPOUT_MIN_ROWS, (1, 2)), (1.5 * SPARSE_DROPOUT_MAX_P, 1024, (0, 0)),
-                            (0.05, SPARSE_DROPOUT_MIN_ROWS - 1, (0, 0))]:
+        _sparse_dropout(x, w, 1 - 0.05)
+    # through a layer: sparse at p = 0.05, dense above the threshold, with few rows or a narrow layer
+    for p, rows, width, counts in [(0.05, SPARSE_DROPOUT_MIN_ROWS, 256, (1, 2)),
+                                   (1.5 * SPARSE_DROPOUT_MAX_P, 1024, 256, (0, 0)),
+                                   (0.05, SPARSE_DROPOUT_MIN_ROWS - 1, 256, (0, 0)), (0.05, 1024, 96, (0, 0))]:
         sparse_calls.force("auto")
-        layer = make_layer(16, 12, 4, dtype=torch.float32, dropout=p)
-        layer(torch.randn(rows, 16, requires_grad=True)).sum().backward()
+        layer = make_layer(width, 256, 4, dtype=torch.float32, dropout=p)
+        layer(torch.randn(rows, width, requires_grad=True)).sum().backward()
         assert sparse_calls.counts == counts
 
 
