@@ -38,9 +38,11 @@ DROPOUT_MODES = ("exact", "lora-branch")
 
 # The exact dropout form's second base GEMM, W0 x~, from the dropped entries alone (`_sparse_exact_dropout_output`):
 # "auto" where that is faster (CPU, fp32 / fp64, dropout <= SPARSE_DROPOUT_MAX_P, at least SPARSE_DROPOUT_MIN_ROWS
-# rows, i.e. tokens, and a weight of at least SPARSE_DROPOUT_MIN_WEIGHT elements), "always" wherever it is supported (CPU, fp32 / fp64: PyTorch's CPU CSR kernels have no bf16;
-# not under torch.compile), "never". CUDA stays dense: cuSPARSE at a random 5 % density is not expected to beat a
-# dense tensor-core GEMM (not measured: no GPU here).
+# rows, i.e. tokens, and at least SPARSE_DROPOUT_MIN_WEIGHT weight elements), "always" wherever it is supported
+# (CPU, fp32 / fp64: PyTorch's CPU CSR kernels have no bf16; not under torch.compile), "never". CUDA stays dense:
+# cuSPARSE at a random 5 % density is not expected to beat a dense tensor-core GEMM (not measured: no GPU here).
+# The form saves the dropped entries' int64 positions instead of the bool mask: less memory up to p = 1/8, up to
+# 8p bytes per input element above that ("always" only).
 SPARSE_DROPOUT = "auto"
 SPARSE_DROPOUT_FORMS = ("auto", "always", "never")
 # One layer's forward + backward on CPU in fp32 (rank 16, 1 and 2 threads, out x in from 1024 x 1024 to 4096 x 4096)

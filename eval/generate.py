@@ -9,7 +9,9 @@ Questions are LLaVA's JSONL: {"question_id", "image" (optional), "text"}. Answer
 format: {"question_id", "prompt", "text", "model_id"}, which `python -m eval score` reads. Decoding is greedy
 (temperature 0), as in the paper's evaluation, in batches of --batch-size questions, left-padded. Questions of
 a batch about the same image (VQAv2's file lists ~3 per image one after the other) have their prompt up to the
-image encoded once and share it (`shared_image_prefixes`); the answers are those of one question at a time.
+image encoded once and share it (`shared_image_prefixes`; --no-shared-prefixes encodes every prompt whole). Either
+way the answers are those of one question at a time up to floating-point rounding (equal in fp32, tested; in bf16
+batching itself can flip a near-tie).
 
 Each batch's answers are appended to --out as soon as they are decoded; rerunning the same command after a crash
 continues where it stopped (eval/answer_log.py: what counts as "the same", and --restart).
@@ -81,12 +83,14 @@ def answer_batches(model, tokenizer, image_processor, questions: list[dict], ima
     """Yields the answers of each batch of `batch_size` questions as soon as it is decoded (greedy, left-padded).
     `already_done` only starts the progress bar there (the questions given are the ones still to answer).
     `share_prefixes`: questions of a batch about the same image have the prompt up to the image encoded once
-    (`shared_image_prefixes`); False encodes every prompt whole (the answers are the same)."""
+    (`shared_image_prefixes`) where the model allows it (`prefix_sharing_supported`); False encodes every prompt
+    whole. The answers are the same up to floating-point rounding."""
     import torch
 
     from data.llava import SampleError, encode, expand_image_tokens, load_image
 
     cfg = model.config
+    share_prefixes = share_prefixes and prefix_sharing_supported(model)
 
     def apply(messages, add_generation_prompt=True):  # used by the "chat" template only
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -128,6 +132,17 @@ def answer_batches(model, tokenizer, image_processor, questions: list[dict], ima
 
 
 PREFIX_KEYS = ("prefix_ids", "prefix_pixel_values", "prefix_of_row")  # prefix_shared_inputs' extra inputs
+
+
+def prefix_sharing_supported(model) -> bool:
+    """Whether a shared prefix cache gives this model's answers. Not with a sliding window: the padding between
+    prefix and question takes cache slots, and a window counts slots, not positions, so a question would see less
+    of its prefix than alone. Not with a `cache_implementation` in the generation config: generate then refuses a
+    cache passed in."""
+    text = model.config.get_text_config()
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    sliding = window is not None or "sliding_attention" in (getattr(text, "layer_types", None) or ())
+    return not sliding and getattr(model.generation_config, "cache_implementation", None) is None
 
 
 def shared_image_prefixes(rows: list[list[int]], image_files: list, image_token_id: int):
@@ -280,7 +295,7 @@ def run(args) -> int:
                                         template=args.template, batch_size=args.batch_size,
                                         max_new_tokens=args.max_new_tokens,
                                         image_aspect_ratio=args.image_aspect_ratio, model_id=Path(args.model).name,
-                                        already_done=resumed):
+                                        already_done=resumed, share_prefixes=not args.no_shared_prefixes):
                 log.append(batch)
         answered = log.done
     print(json.dumps({"answers": answered, "resumed_after": resumed, "file": str(args.out)}))
@@ -297,6 +312,9 @@ def add_arguments(parser) -> None:
                         help="LLaVA's conversation templates for LLaVA checkpoints; processor: any image-text-to-text "
                              "model through its processor's chat template (models of recipes/vlm)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-shared-prefixes", action="store_true",
+                        help="encode every prompt whole (by default questions of a batch about the same image share "
+                             "the prompt up to the image; the answers are the same up to rounding)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--image-aspect-ratio", default="pad", choices=["pad", "none"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])

@@ -278,3 +278,25 @@ def test_batched_answers_with_shared_image_prefixes_equal_one_question_at_a_time
     # batches: questions 0-4 (images 0,0,0,1,1), 5-9 (1,2,2,2,3), 10-11 (3,3)
     assert shared_batches == [(2, [0, 0, 0, 1, 1]), (3, [0, 1, 1, 1, 2]), (1, [0, 0])]
     assert len(set(one_by_one)) >= 9, one_by_one  # answers that tell questions apart
+    # a cache_implementation in the generation config: generate refuses a cache passed in, so prompts go whole
+    shared_batches.clear()
+    monkeypatch.setattr(model.generation_config, "cache_implementation", "dynamic")
+    assert answer(5, True) == one_by_one and shared_batches == []
+
+
+def test_prefixes_are_not_shared_under_a_sliding_window():
+    # the padding between prefix and question takes cache slots, and a window counts slots
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig, LlavaConfig
+
+    from eval.generate import prefix_sharing_supported
+
+    def model(text_config, **generation):
+        return SimpleNamespace(config=LlavaConfig(text_config=text_config),
+                               generation_config=GenerationConfig(**generation))
+    assert prefix_sharing_supported(model({"model_type": "llama"}))
+    assert not prefix_sharing_supported(model({"model_type": "mistral", "sliding_window": 4096}))
+    assert prefix_sharing_supported(model({"model_type": "mistral", "sliding_window": None}))
+    assert prefix_sharing_supported(model({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False}))
+    assert not prefix_sharing_supported(model({"model_type": "llama"}, cache_implementation="static"))
