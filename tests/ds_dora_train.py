@@ -4,6 +4,10 @@
 
 Without the deepspeed launcher (`--plain`), the same training runs in one process with torch.optim.AdamW:
 the reference the DeepSpeed runs are compared with. Every run sees the same global batches.
+
+`--dropout P --sparse-dropout FORM` adapts with dropout P in the exact form, its second base product in the given
+form (dora.layer.SPARSE_DROPOUT); every rank seeds its dropout masks alike in both forms, and the output then also
+counts the sparse forwards run on rank 0.
 """
 import argparse
 import json
@@ -16,8 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dora.layer as dora_layer  # noqa: E402
 from dora import apply_dora  # noqa: E402
-from dora_helpers import TinyNet  # noqa: E402
+from dora_helpers import TinyNet, perturb_adapter  # noqa: E402
 from recipes.trainer import leave_process_group  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -27,10 +32,12 @@ RULES = [{"match": r"layers\.\d+\.(q_proj|v_proj|up|down)", "rank": 4, "alpha": 
 TRAIN_FULLY = [r"projector\..*"]
 
 
-def build_model() -> torch.nn.Module:
+def build_model(dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
     model = TinyNet(d_in=12, d=32, hidden=48, layers=2, classes=5)
-    apply_dora(model, RULES, TRAIN_FULLY, verbose=False)
+    apply_dora(model, [dict(rule, dropout=dropout) for rule in RULES], TRAIN_FULLY, verbose=False)
+    if dropout:
+        perturb_adapter(model)  # g - 1 and B away from 0: the exact form's dropped-input terms matter from step 1
     return model
 
 
@@ -68,14 +75,14 @@ def train_plain(accum: int, optimizer_name: str) -> list[float]:
     return losses
 
 
-def train_deepspeed(stage: int, micro: int, accum: int, optimizer_name: str) -> list[float]:
+def train_deepspeed(stage: int, micro: int, accum: int, optimizer_name: str, dropout: float = 0.0) -> list[float]:
     import deepspeed
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     world, rank = dist.get_world_size(), dist.get_rank()
     assert micro * accum * world == GLOBAL_BATCH, "micro x accum x world must equal the global batch"
-    model = build_model()
+    model = build_model(dropout)
     params = [p for p in model.parameters() if p.requires_grad]
     config = {
         "train_micro_batch_size_per_gpu": micro,
@@ -87,6 +94,7 @@ def train_deepspeed(stage: int, micro: int, accum: int, optimizer_name: str) -> 
     }
     optimizer = make_optimizer(params, optimizer_name)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    torch.manual_seed(100 + rank)  # the dropout masks: the same in every run of this rank
     losses = []
     for x, y in batches():
         total = torch.zeros(())
@@ -114,14 +122,26 @@ def main():
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--sparse-dropout", choices=dora_layer.SPARSE_DROPOUT_FORMS, default="auto")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
+    dora_layer.SPARSE_DROPOUT = args.sparse_dropout
+    sparse_forwards = 0
+    sparse_form = dora_layer._sparse_exact_dropout_output
+
+    def counted(*a, **k):
+        nonlocal sparse_forwards
+        sparse_forwards += 1
+        return sparse_form(*a, **k)
+    dora_layer._sparse_exact_dropout_output = counted
     if args.plain:
         losses = train_plain(args.accum, args.optimizer)
     else:
-        losses = train_deepspeed(args.stage, args.micro, args.accum, args.optimizer)
+        losses = train_deepspeed(args.stage, args.micro, args.accum, args.optimizer, args.dropout)
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.out).write_text(json.dumps(losses))
+        Path(args.out).write_text(json.dumps(losses if not args.dropout else
+                                             {"losses": losses, "sparse_forwards": sparse_forwards}))
 
 
 if __name__ == "__main__":
