@@ -394,8 +394,10 @@ class FeatureWriter:
             self._lock_fd = None
 
     def _open(self) -> None:
-        # what a killed writer of this prefix left: temporaries are incomplete by construction
-        for p in self.root.glob(f".{self.prefix}-*{SHARD_SUFFIX}.tmp-*"):
+        # what a killed writer of this prefix left: temporaries (shards, its index) are incomplete by construction
+        stale = [*self.root.glob(f".{self.prefix}-*{SHARD_SUFFIX}.tmp-*"),
+                 *self.root.glob(f".{self._index_path().name}.tmp-*")]
+        for p in stale:
             p.unlink()
         id_to_shard, by_prefix, _ = _scan(self.root)
         self._done: set[str] = set(id_to_shard)

@@ -148,6 +148,7 @@ def test_atomic_shards_leftovers_ignored_and_index_repaired(tmp_path, monkeypatc
     # crash between the shard's rename and the index update: the shard is complete but not indexed
     w = FeatureWriter(root, {"feature_dim": 3}, shard_size=2)
     assert not (root / ".part-000002.safetensors.tmp-999").exists(), "the writer clears its prefix's temporaries"
+    assert not (root / ".index-part.json.tmp-999-1").exists(), "... its index's too"
     monkeypatch.setattr(FeatureWriter, "_save_index", lambda self: (_ for _ in ()).throw(OSError("killed")))
     w.add("b0", torch.ones(1, 3))
     with pytest.raises(OSError, match="killed"):
