@@ -36,7 +36,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 DROPOUT_MODES = ("exact", "lora-branch")
 
-# The exact dropout form's second base GEMM, W0 x~, from the dropped entries alone (`_sparse_exact_dropout_output`):
+# The exact dropout form's second base GEMM, W0 x~, from the dropped entries alone (`_sparse_dropped_products`):
 # "auto" where that is faster (CPU, fp32 / fp64, dropout <= SPARSE_DROPOUT_MAX_P, at least SPARSE_DROPOUT_MIN_ROWS
 # rows, i.e. tokens, and at least SPARSE_DROPOUT_MIN_WEIGHT weight elements), "always" wherever it is supported
 # (CPU, fp32 / fp64: PyTorch's CPU CSR kernels have no bf16; not under torch.compile), "never". CUDA stays dense:
@@ -173,24 +173,6 @@ def _scaled_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling):
     return y, xa
 
 
-def _exact_dropout_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling):
-    """The official / PEFT dropout form y = W0 x + (g-1) W0 x~ + g s B A x~ + b, x~ = dropout(x), computed as
-    y = W0 x + s B A x~ + (g-1) h + b with h = (W0 + sBA) x~: two dense base GEMMs (see
-    `_sparse_exact_dropout_output` for the other form), g - 1 (not g) multiplies.
-    Returns (y, xa, h); h is what the magnitude gradient needs (dL/dg = sum dL/dy * h)."""
-    y = F.linear(x, weight)
-    h = F.linear(x_drop, weight)
-    xa = None
-    if lora_A is not None:
-        xa = F.linear(x_drop, lora_A)
-        _add_low_rank(h, xa, lora_B, scaling)
-        _add_low_rank(y, xa, lora_B, scaling)
-    y.addcmul_(h, gm1)
-    if bias is not None:
-        y.add_(bias)
-    return y, xa, h
-
-
 def _sparse_dropout(x: torch.Tensor, weight: torch.Tensor, keep: float) -> bool:
     """Whether the exact dropout form of this input takes the sparse form (see `SPARSE_DROPOUT`). Not under
     torch.compile: the number of dropped entries is data-dependent (nonzero), which would break the graph."""
@@ -224,13 +206,12 @@ def _weight_row_chunks(weight: torch.Tensor) -> list:
     return [slice(i, i + rows) for i in range(0, weight.shape[0], rows)]
 
 
-def _sparse_exact_dropout_output(x, dropped, keep, weight, bias, lora_A, lora_B, gm1, scaling):
-    """`_exact_dropout_output` with W0 x~ = (W0 x - W0 r) / keep, r = x at the `dropped` flat positions (0
-    elsewhere) as a CSR matrix: one dense base GEMM and one sparse product of density p (in row chunks of W0);
-    x~ A^T the same way, so x~ is never formed. Same math as the dense form, other rounding. Returns (y, xa, h)."""
-    y = F.linear(x, weight)
+def _sparse_dropped_products(x, base, dropped, keep, weight, lora_A):
+    """W0 x~ and x~ A^T from W0 x (`base`) and the dropped entries alone: W0 x~ = (W0 x - W0 r) / keep, r = x at the
+    `dropped` flat positions (0 elsewhere) as a CSR matrix, one sparse product of density p (in row chunks of W0);
+    x~ A^T the same way, so x~ is never formed. Same math as the dense products, other rounding."""
     r = _dropped_csr(dropped, x.take(dropped), math.prod(x.shape[:-1]), x.shape[-1])
-    h = torch.mul(y, 1.0 / keep)
+    h = torch.mul(base, 1.0 / keep)
     h2 = h.view(-1, h.shape[-1])
     for rows in _weight_row_chunks(weight):
         h2[:, rows].addmm_(r, weight[rows].t(), alpha=-1.0 / keep)
@@ -238,12 +219,30 @@ def _sparse_exact_dropout_output(x, dropped, keep, weight, bias, lora_A, lora_B,
     if lora_A is not None:
         xa = F.linear(x, lora_A)
         xa.view(-1, xa.shape[-1]).addmm_(r, lora_A.t(), beta=1.0 / keep, alpha=-1.0 / keep)
+    return h, xa
+
+
+def _exact_dropout_output(x, mask, keep, weight, bias, lora_A, lora_B, gm1, scaling):
+    """The official / PEFT dropout form y = W0 x + (g-1) W0 x~ + g s B A x~ + b, x~ = dropout(x), computed as
+    y = W0 x + s B A x~ + (g-1) h + b with h = (W0 + sBA) x~; g - 1 (not g) multiplies. W0 x~ is a second dense
+    GEMM, or where `_sparse_dropout` says so a product over the dropped entries (`_sparse_dropped_products`).
+    Returns (y, xa, h, dropped): h is what the magnitude gradient needs (dL/dg = sum dL/dy * h); dropped is the
+    dropped entries' flat positions when the sparse form ran, else None."""
+    y = F.linear(x, weight)
+    dropped = _dropped_positions(mask) if _sparse_dropout(x, weight, keep) else None
+    if dropped is not None:
+        h, xa = _sparse_dropped_products(x, y, dropped, keep, weight, lora_A)
+    else:
+        x_drop = _dropped(x, mask, keep)
+        h = F.linear(x_drop, weight)
+        xa = None if lora_A is None else F.linear(x_drop, lora_A)
+    if xa is not None:
         _add_low_rank(h, xa, lora_B, scaling)
         _add_low_rank(y, xa, lora_B, scaling)
     y.addcmul_(h, gm1)
     if bias is not None:
         y.add_(bias)
-    return y, xa, h
+    return y, xa, h, dropped
 
 
 class _DoRAScaledLinear(torch.autograd.Function):
@@ -274,16 +273,14 @@ class _DoRAScaledLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask, weight, bias, lora_A, lora_B, g, scaling, keep, exact_dropout, inplace_safe):
         gm1 = (g - 1.0).to(x.dtype)
-        sparse = exact_dropout and _sparse_dropout(x, weight, keep)
-        if sparse:
-            dropped = _dropped_positions(mask)
-            y, xa, kept = _sparse_exact_dropout_output(x, dropped, keep, weight, bias, lora_A, lora_B, gm1, scaling)
-            # Saved instead of the mask: rebuilding them in backward would be another pass over the mask (nonzero:
-            # 2-4 % of the sparse backward's time), and up to p = 1/8 they take no more memory than the bool mask.
-            mask = dropped
-        elif exact_dropout:
-            x_drop = _dropped(x, mask, keep)
-            y, xa, kept = _exact_dropout_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling)
+        sparse = False
+        if exact_dropout:
+            y, xa, kept, dropped = _exact_dropout_output(x, mask, keep, weight, bias, lora_A, lora_B, gm1, scaling)
+            if dropped is not None:
+                # The sparse form's positions are saved instead of the mask: rebuilding them in backward would be
+                # another pass over the mask (nonzero: 2-4 % of the sparse backward's time), and up to p = 1/8 they
+                # take no more memory than the bool mask.
+                mask, sparse = dropped, True
         else:
             x_drop = None if mask is None else _dropped(x, mask, keep)
             kept, xa = _scaled_output(x, x_drop, weight, None, lora_A, lora_B, gm1, scaling)
@@ -593,12 +590,9 @@ class DoRALinear(nn.Module):
         if not torch.is_grad_enabled() or not (x.requires_grad or any(p is not None and p.requires_grad
                                                                     for p in trainable)):
             gm1 = self._cached_gm1(dtype)
-            if exact_dropout and _sparse_dropout(x, weight, keep):
-                return _sparse_exact_dropout_output(x, _dropped_positions(mask), keep, weight, bias, lora_A, lora_B,
-                                                    gm1, self.scaling)[0]
-            x_drop = None if mask is None else _dropped(x, mask, keep)
             if exact_dropout:
-                return _exact_dropout_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, self.scaling)[0]
+                return _exact_dropout_output(x, mask, keep, weight, bias, lora_A, lora_B, gm1, self.scaling)[0]
+            x_drop = None if mask is None else _dropped(x, mask, keep)
             return _scaled_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, self.scaling)[0]
         return _DoRAScaledLinear.apply(x, mask, weight, bias, lora_A, lora_B, self._scale(), self.scaling, keep,
                                        exact_dropout, self.inplace_safe)

@@ -128,13 +128,13 @@ def main():
     args = parser.parse_args()
     dora_layer.SPARSE_DROPOUT = args.sparse_dropout
     sparse_forwards = 0
-    sparse_form = dora_layer._sparse_exact_dropout_output
+    sparse_form = dora_layer._sparse_dropped_products
 
     def counted(*a, **k):
         nonlocal sparse_forwards
         sparse_forwards += 1
         return sparse_form(*a, **k)
-    dora_layer._sparse_exact_dropout_output = counted
+    dora_layer._sparse_dropped_products = counted
     if args.plain:
         losses = train_plain(args.accum, args.optimizer)
     else:

@@ -36,8 +36,8 @@ class _SparseCalls:
     def __init__(self, monkeypatch):
         self.monkeypatch = monkeypatch
         self.forward = self.sampled = 0
-        monkeypatch.setattr(layer_module, "_sparse_exact_dropout_output",
-                            self._counting("forward", layer_module._sparse_exact_dropout_output))
+        monkeypatch.setattr(layer_module, "_sparse_dropped_products",
+                            self._counting("forward", layer_module._sparse_dropped_products))
         monkeypatch.setattr(torch.sparse, "sampled_addmm", self._counting("sampled", torch.sparse.sampled_addmm))
 
     def _counting(self, name, fn):
