@@ -627,6 +627,23 @@ class Trainer:
         dist.barrier()
         return path
 
+    def plan(self) -> str:
+        """The batch plan and precision, as the recipes print them at the start."""
+        c = self.config
+        return (f"{self.world} processes x micro-batch {c.micro_batch_size} x accumulation {self.accumulation} = "
+                f"global batch {c.global_batch_size}; {self.total_steps} optimizer steps; precision {self.precision}; "
+                f"ZeRO stage {self.zero_stage}")
+
+    def save_dora_adapter(self, out: Path, metadata: dict) -> None:
+        """The trained DoRA adapter in full fp32 (`full_fp32_state`) as out/adapter and its PEFT export as
+        out/adapter_peft. A collective: every rank calls it, the main one writes."""
+        from dora import adapter_state_dict, export_peft, save_adapter
+        module = self.engine.module
+        state = self.full_fp32_state(adapter_state_dict(module))
+        if self.is_main:
+            save_adapter(module, out / "adapter", metadata=metadata, state_dict=state)
+            export_peft(module, out / "adapter_peft", state_dict=state)
+
     def full_fp32_state(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """The full fp32 values of parameters, from DeepSpeed's master copies where it keeps them (bf16/fp16
         training, ZeRO partitions): saving the bf16 module copy would round magnitudes to 0.4 %. A collective:

@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:  # run as a script by the deepspeed launcher
     sys.path.insert(0, str(ROOT))
 
 from data.llava import DataFormatError, LlavaCollator, LlavaDataConfig, LlavaDataset  # noqa: E402
-from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
+from dora import apply_dora  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.llava.model import LlavaModelConfig, build_llava  # noqa: E402
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
@@ -93,20 +93,12 @@ def main(argv=None) -> int:
     out = Path(train_cfg.output_dir)
     if trainer.is_main:
         print(report.table(), flush=True)
-        print(f"{len(dataset)} samples, {trainer.world} processes x micro-batch {train_cfg.micro_batch_size} x "
-              f"accumulation {trainer.accumulation} = global batch {train_cfg.global_batch_size}; "
-              f"{trainer.total_steps} optimizer steps; precision {trainer.precision}; ZeRO stage "
-              f"{trainer.zero_stage}", flush=True)
+        print(f"{len(dataset)} samples, {trainer.plan()}", flush=True)
     result = trainer.run()
     if result.paused:
         return 0
 
-    module = trainer.engine.module
-    state = trainer.full_fp32_state(adapter_state_dict(module))
-    if trainer.is_main:
-        meta = {"recipe": "llava", "config": str(out / "config.yaml"), "steps": result.global_step}
-        save_adapter(module, out / "adapter", metadata=meta, state_dict=state)
-        export_peft(module, out / "adapter_peft", state_dict=state)
+    trainer.save_dora_adapter(out, {"recipe": "llava", "config": str(out / "config.yaml"), "steps": result.global_step})
     if trainer.is_main:
         tokenizer.save_pretrained(out / "tokenizer")
         image_processor.save_pretrained(out / "tokenizer")

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # run as a script by the deepspeed launcher
 
 from data.llava import DataFormatError  # noqa: E402
 from data.vlm_chat import ChatCollator, ChatDataConfig, ChatDataset  # noqa: E402
-from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
+from dora import apply_dora  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 
@@ -104,19 +104,12 @@ def main(argv=None) -> int:
     out = Path(train_cfg.output_dir)
     if trainer.is_main:
         print(report.table(), flush=True)
-        print(f"{type(model).__name__}: {len(dataset)} samples, {trainer.world} processes x micro-batch "
-              f"{train_cfg.micro_batch_size} x accumulation {trainer.accumulation} = global batch "
-              f"{train_cfg.global_batch_size}; {trainer.total_steps} optimizer steps; precision {trainer.precision}; "
-              f"ZeRO stage {trainer.zero_stage}", flush=True)
+        print(f"{type(model).__name__}: {len(dataset)} samples, {trainer.plan()}", flush=True)
     result = trainer.run()
     if result.paused:
         return 0
-    module = trainer.engine.module
-    state = trainer.full_fp32_state(adapter_state_dict(module))
+    trainer.save_dora_adapter(out, {"recipe": "vlm", "config": str(out / "config.yaml"), "steps": result.global_step})
     if trainer.is_main:
-        meta = {"recipe": "vlm", "config": str(out / "config.yaml"), "steps": result.global_step}
-        save_adapter(module, out / "adapter", metadata=meta, state_dict=state)
-        export_peft(module, out / "adapter_peft", state_dict=state)
         processor.save_pretrained(out / "processor")
         save_config(config, out / "config.yaml")
         write_summary(out, result, f"adapter in {out / 'adapter'}", trainable_parameters=report.trainable,
