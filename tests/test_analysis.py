@@ -266,16 +266,16 @@ print("ok")
 def test_trainer_writes_adapter_snapshots_at_the_chosen_steps(tmp_path):
     """train.snapshot_steps, in the real loop under DeepSpeed: our adapter at steps 1 and 3, the last equal to the
     trained adapter, each read by the analysis with its step."""
-    import subprocess
     import sys
     from pathlib import Path
 
+    import subprocesses
     from safetensors.torch import load_file
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", f"ROOT = {str(root)!r}\nTMP = {str(tmp_path)!r}\n" + SNAPSHOT_SCRIPT],
-                          cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocesses.run([sys.executable, "-c", f"ROOT = {str(root)!r}\nTMP = {str(tmp_path)!r}\n" + SNAPSHOT_SCRIPT],
+                            what="a DeepSpeed training run writing snapshots", timeout=300, cwd=root,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
     snaps = tmp_path / "dora" / "snapshots"
     assert sorted(p.name for p in snaps.iterdir()) == ["step_1", "step_3"]

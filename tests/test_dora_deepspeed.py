@@ -3,13 +3,13 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import ds_dora_train
+import subprocesses
 
 SCRIPT = Path(__file__).with_name("ds_dora_train.py")
 
@@ -26,7 +26,7 @@ def run_deepspeed(tmp_path, gpus: int, stage: int, micro: int, accum: int, *extr
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = [launcher, "--num_gpus", str(gpus), "--master_port", str(free_port()), str(SCRIPT),
            "--stage", str(stage), "--micro", str(micro), "--accum", str(accum), "--out", str(out), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocesses.run(cmd, what=f"DeepSpeed DoRA training, {gpus} process(es), ZeRO-{stage}", timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

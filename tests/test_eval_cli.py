@@ -1,13 +1,13 @@
 """`python -m eval` end to end, per task, on small files in the official formats written by the tests."""
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from eval.cli import main
+import subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -273,7 +273,7 @@ def test_submission_writers(tmp_path, capsys):
 
 
 def test_real_entry_point_lists_tasks():
-    proc = subprocess.run([sys.executable, "-m", "eval", "tasks"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocesses.run([sys.executable, "-m", "eval", "tasks"], what="python -m eval tasks", timeout=120, cwd=ROOT)
     assert proc.returncode == 0
     for task in ("vqav2", "vizwiz", "textvqa", "gqa", "pope", "scienceqa", "mmbench", "nlvr2", "coco_caption",
                  "tvqa", "how2qa", "tvc", "yc2c"):

@@ -13,6 +13,7 @@ import pytest
 from eval.answer_log import AnswerLog, merge_shards, read_completed, run_file
 from eval.cli import main as eval_main
 from eval.files import InputError
+import subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +134,7 @@ def test_kill_9_loses_at_most_the_batch_being_decoded(llava_assets, llava_dir, t
                 "--batch-size", "2"]
 
     killed = tmp_path / "killed.jsonl"
-    proc = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocesses.start(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if killed.is_file() and killed.read_bytes().count(b"\n") >= 20:
@@ -141,26 +142,27 @@ def test_kill_9_loses_at_most_the_batch_being_decoded(llava_assets, llava_dir, t
         time.sleep(0.005)
     assert proc.poll() is None, "generation finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    subprocesses.finish(proc, what="eval generate after SIGKILL", timeout=60)
     kept = killed.read_bytes().count(b"\n")
     assert 20 <= kept < 240
 
-    resumed = subprocess.run(command(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocesses.run(command(killed), what="eval generate, resumed", timeout=600, cwd=ROOT, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert report["answers"] == 240 and report["resumed_after"] >= kept - 1  # a torn last line may be dropped
 
     reference = tmp_path / "reference.jsonl"
-    done = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocesses.run(command(reference), what="eval generate, uninterrupted", timeout=600, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert killed.read_text() == reference.read_text()
     # the same command once more: nothing left to answer, the model is not even loaded
-    again = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocesses.run(command(reference), what="eval generate, all answered", timeout=600, cwd=ROOT, env=env)
     assert json.loads(again.stdout.strip().splitlines()[-1])["resumed_after"] == 240
     # a model saved again to the same folder is another model: its answers must not continue these
     (llava_dir / "config.json").touch()
     os.utime(llava_dir / "config.json", ns=(time.time_ns(), time.time_ns() + 10**9))
-    changed = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    changed = subprocesses.run(command(reference), what="eval generate, model changed", timeout=600, cwd=ROOT,
+                               env=env)
     assert changed.returncode == 2 and "model_files differ" in changed.stderr
 
 

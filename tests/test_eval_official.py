@@ -647,12 +647,13 @@ def test_every_bad_input_is_a_clear_error_with_exit_code_2(tmp_path, capsys):
 
 
 def test_the_real_entry_point_exits_2_without_a_traceback(tmp_path):
-    import subprocess
     import sys
     from pathlib import Path
+
+    import subprocesses
     bad = tmp_path / "p.jsonl"
     bad.write_bytes(b'{"question_id": 1, "text": "\xff"}\n')
     gt = write_json(tmp_path / "v.json", {"annotations": [{"question_id": 1, "answers": [{"answer": "a"}]}]})
-    proc = subprocess.run([sys.executable, "-m", "eval", "score", "vqav2", "--pred", str(bad), "--gt", str(gt)],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    proc = subprocesses.run([sys.executable, "-m", "eval", "score", "vqav2", "--pred", str(bad), "--gt", str(gt)],
+                            what="python -m eval score", timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and "p.jsonl:1: not UTF-8" in proc.stderr and "Traceback" not in proc.stderr

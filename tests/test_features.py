@@ -21,6 +21,7 @@ from data.features import FeatureStore, FeatureWriter, StoreError, find_images, 
 from data.image_features import (CLIP_MEAN, CLIP_STD, TINY_RESNET_CONFIG, extract_image_features, grid_features,
                                  image_feature_metadata, image_preprocess, load_clip_tower, load_image, pool_grid,
                                  register_model_config)
+import subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny_rn_test"  # registered with open_clip under this name
@@ -187,14 +188,14 @@ import sys, time, torch; sys.path.insert(0, {str(REPO)!r})
 from data.features import FeatureWriter
 w = FeatureWriter({str(root)!r}, {{"m": 1}}, prefix="part0of2"); print("locked", flush=True); time.sleep(30)
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = subprocesses.start([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(StoreError, match="another process is writing prefix 'part0of2'"):
             FeatureWriter(root, {"m": 1}, prefix="part0of2")
     finally:
         proc.kill()
-        proc.wait()
+        subprocesses.finish(proc, what="a process holding a writer prefix", timeout=60)
     FeatureWriter(root, {"m": 1}, prefix="part0of2").close()  # free again once that process died
 
 
@@ -337,9 +338,8 @@ print("finished", flush=True)
 def test_resume_after_kill_9(tmp_path):
     imgs = write_images(tmp_path / "img", 24, size=(64, 48))
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), imgs=str(tmp_path / "img"),
-                                                                   out=str(out))],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocesses.start([sys.executable, "-c", CHILD.format(repo=str(REPO), imgs=str(tmp_path / "img"),
+                                                                     out=str(out))], stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not list(out.glob("part-*.safetensors")):
@@ -347,13 +347,9 @@ def test_resume_after_kill_9(tmp_path):
             assert time.time() < deadline, "no shard appeared"
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)  # the crash
-        proc.wait()
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its DataLoader worker, which would exit on its own
-        except ProcessLookupError:
-            pass
-    assert b"finished" not in proc.stdout.read()
+        done = subprocesses.finish(proc, what="image feature extraction killed with SIGKILL", timeout=60)
+    assert "finished" not in done.stdout
     partial = FeatureStore(out)
     assert 0 < len(partial) < 24 and len(partial) % 4 == 0, "only whole shards survive"
 

@@ -2,7 +2,6 @@
 four families (LLaVA-NeXT, Qwen2-VL, Idefics3, PaliGemma) and a 70B-sized config built on the meta device."""
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 import yaml
 
 from recipes.inspect import inspect_model, main
+import subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -116,8 +116,8 @@ def test_a_70b_config_is_inspected_without_its_weights(tmp_path):
                                "patch_size": 14}).to_json_file(tmp_path / "config.json")
     code = ("import json, resource, sys; from recipes.inspect import main; main(sys.argv[1:]);"
             "print(json.dumps({'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "config.json"), "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocesses.run([sys.executable, "-c", code, str(tmp_path / "config.json"), "--json"],
+                            what="recipes.inspect on a 70B config", timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     result, rss = json.loads("\n".join(lines[:-1])), json.loads(lines[-1])["rss_mb"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -45,7 +46,7 @@ def train(config: Path, processes: int = 1, *overrides: str) -> dict:
         launcher = Path(sys.executable).parent / "deepspeed"
         cmd = [str(launcher), "--num_gpus", str(processes), "--master_port", str(free_port()), script,
                str(config), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocesses.run(cmd, what=f"LLaVA training, {processes} process(es)", timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = Path(yaml.safe_load(config.read_text())["train"]["output_dir"])
     summary = out / "train_summary.json"
@@ -97,8 +98,8 @@ def test_merge_generate_and_score(llava_assets, single, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def run(*args):
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocesses.run([sys.executable, "-m", *args], what=f"python -m {args[0]}", timeout=600, cwd=ROOT,
+                                env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
@@ -150,8 +151,8 @@ def test_gradient_checkpointing_gives_the_same_losses(llava_assets, single, tmp_
 
 def run_train(config: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "recipes/llava/train.py"), str(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocesses.run([sys.executable, str(ROOT / "recipes/llava/train.py"), str(config)],
+                            what="LLaVA training, 1 process", timeout=600, cwd=ROOT, env=env)
 
 
 def records_config(assets, out: Path, records: list, **train_options) -> Path:

@@ -1,10 +1,11 @@
 """Leaving the process group: gloo's worker threads are found and left idle before the interpreter exits (see
 recipes.trainer.leave_process_group for the abort this prevents)."""
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def test_leave_process_group_finds_the_gloo_workers_and_leaves_them_idle(tmp_pat
         import json
         print(json.dumps({{"before": before, "after": after, "initialized": dist.is_initialized()}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocesses.run([sys.executable, "-c", script], what="a gloo process group leaving", timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(result["before"]) >= 2, out.stdout  # gloo's runloop threads (and its tcp loop), seen by name

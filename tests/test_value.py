@@ -2,7 +2,6 @@
 subtitles-first truncation, the 64-frame features, and the video recipe end to end on the generated demo."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import yaml
 
 from data.value import encode_with_context, read_subtitles, read_video_captions, read_video_qa
 from data.vlbart import Example, FeatureLookup, TaskDataError, TaskDataset
+import subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,12 +129,12 @@ def test_video_recipe_trains_and_scores_on_the_generated_demo(tmp_path):
     path = tmp_path / "video.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes/vlbart/train.py"), str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocesses.run([sys.executable, str(ROOT / "recipes/vlbart/train.py"), str(path)],
+                            what="VL-BART video training", timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tvqa 24" in proc.stdout and "tvc 12" in proc.stdout  # 4 questions / 2 descriptions per training video
-    proc = subprocess.run([sys.executable, "-m", "recipes.vlbart.evaluate", str(tmp_path / "run"), "--batch-size", "8"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocesses.run([sys.executable, "-m", "recipes.vlbart.evaluate", str(tmp_path / "run"), "--batch-size", "8"],
+                            what="recipes.vlbart.evaluate", timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert set(json.loads(proc.stdout.strip().splitlines()[-1])) == {"tvqa", "how2qa", "tvc", "yc2c"}
     details = json.loads((tmp_path / "run" / "eval" / "scores.json").read_text())["details"]

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -27,6 +26,7 @@ from data.video_demo import (COLOURS, DIRECTION_ANSWERS, VISIBILITY_ANSWERS, Vid
                              write_video_demo)
 from eval.cli import main as eval_main
 from eval.readers import read_value_captions, read_value_qa
+import subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny_vit_video_test"
@@ -372,7 +372,8 @@ def test_extraction_resumes_after_a_kill(tmp_path, demo):
             model_config=video.TINY_VIT_CONFIG, n_frames=2, batch_size=2, num_workers=1, shard_size=1,
             progress=False)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocesses.run([sys.executable, "-c", script], what="video extraction killed in its 4th batch", timeout=120,
+                            cwd=REPO)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     done = FeatureStore(store_dir).ids()
     assert 1 <= len(done) < len(videos)

@@ -3,7 +3,6 @@ sampling, generation, the T5 backbone, data files, and the recipe end to end (1 
 import json
 import os
 import random
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ from data.sampling import RoundRobinBatches
 from data.vlbart import NLVR_ANSWERS, VLCollator, draw_answer, read_karpathy_captions, read_nlvr, read_vqa
 from data.image_features import pool_grid
 from recipes.vlbart.model import VisualConfig, VLSeq2Seq, extra_tokens
+import subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 FEAT = 16
@@ -303,7 +303,7 @@ def train(config: Path, processes: int = 1) -> dict:
         port = free_port()
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(processes), "--master_port",
                str(port), script, str(config)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocesses.run(cmd, what="VL-BART training", timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = Path(yaml.safe_load(config.read_text())["train"]["output_dir"])
     summary = out / "train_summary.json"
@@ -348,8 +348,8 @@ def test_resume_continues_exactly(assets, single_run, tmp_path):
 def test_evaluate_scores_every_task_with_the_official_scorers(single_run):
     out, _ = single_run
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "recipes.vlbart.evaluate", str(out), "--batch-size", "4"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocesses.run([sys.executable, "-m", "recipes.vlbart.evaluate", str(out), "--batch-size", "4"],
+                            what="recipes.vlbart.evaluate", timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     scores = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(scores) == {"vqa", "gqa", "nlvr", "caption"}

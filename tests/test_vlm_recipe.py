@@ -5,7 +5,6 @@ text-only samples among the image ones; merged model and base + adapter give the
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import yaml
 
 from eval.cli import main as eval_main
 from vlm_families import FAMILIES, build_family
+import subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -52,7 +52,7 @@ def train(config: dict, out: Path, processes: int) -> list:
     cmd = [sys.executable, script, str(path)] if processes == 1 else [
         str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(processes), "--master_port",
         str(free_port()), script, str(path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocesses.run(cmd, what="generic VLM training", timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "skipped samples: none" in proc.stdout
     return json.loads((out / "train_summary.json").read_text())["losses"]
