@@ -12,6 +12,7 @@ $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m recipes.deepspeed_ops build
 	touch $(STAMP)
 
 env: $(STAMP)

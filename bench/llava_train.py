@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from recipes.deepspeed_ops import prepare  # noqa: E402
+
 METHODS = ("hf_peft_dora", "hf_peft_lora", "ours_peft_dora", "ours")
 EXTRA_METHODS = ("ours_lora_branch",)  # ours with dropout_mode lora-branch (one base GEMM; not the official form)
 BASELINE = "hf_peft_dora"
@@ -240,7 +242,8 @@ def run_method(method: str, root: Path, shape_name: str, out_dir: Path, round_: 
     out = out_dir / f"{method}_r{round_}.json"
     for old in out_dir.glob(f"{out.name}.rank*"):
         old.unlink()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
+               TORCH_EXTENSIONS_DIR=str(prepare()))  # Trainer starts DeepSpeed itself: our extension folder
     import torch
     if not torch.cuda.is_available():
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

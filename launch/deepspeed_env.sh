@@ -1,6 +1,7 @@
 # Sourced by the launch scripts (run from the repository root): the Python and DeepSpeed to use, and
-# `deepspeed_launcher [MAX_GPUS]`, which sets the array `launcher`: every local GPU (NUM_GPUS overrides the count,
-# MAX_GPUS caps it), or without a GPU 2 CPU processes over gloo; with HOSTFILE, many nodes (NUM_NODES, MASTER_ADDR).
+# `deepspeed_launcher [MAX_GPUS]`, which runs the DeepSpeed ops pre-flight and sets the array `launcher`: every local
+# GPU (NUM_GPUS overrides the count, MAX_GPUS caps it), or without a GPU 2 CPU processes over gloo; with HOSTFILE,
+# many nodes (NUM_NODES, MASTER_ADDR).
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 DEEPSPEED=${DEEPSPEED:-$(dirname "$PYTHON")/deepspeed}
 [ -x "$DEEPSPEED" ] || DEEPSPEED=deepspeed
@@ -15,6 +16,9 @@ deepspeed_launcher() {
     gpus=${NUM_GPUS:-2}
     export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   fi
+  # pre-flight: DeepSpeed's ops in this environment's own folder, built here (once) rather than by every rank
+  # waiting on one lock; a build lock left by a killed build is named with how to remove it (exit 2)
+  "$PYTHON" -m recipes.deepspeed_ops check
   launcher=("$DEEPSPEED" --num_gpus "$gpus" --master_port "${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}")
   if [ -n "${HOSTFILE:-}" ]; then
     launcher=("$DEEPSPEED" --hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}" --num_gpus "$gpus"

@@ -92,8 +92,12 @@ class TooManySkipsError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- distributed
 def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Works under the deepspeed launcher and as a plain single process."""
+    """(rank, world size, device). Works under the deepspeed launcher and as a plain single process. DeepSpeed's
+    JIT ops come from this environment's own folder (recipes/deepspeed_ops.py)."""
     import deepspeed
+
+    from .deepspeed_ops import prepare
+    prepare()
     if "RANK" not in os.environ:  # a plain `python` run: a world of one
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

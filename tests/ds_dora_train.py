@@ -79,6 +79,8 @@ def train_deepspeed(stage: int, micro: int, accum: int, optimizer_name: str, dro
     import deepspeed
     import torch.distributed as dist
 
+    from recipes.deepspeed_ops import prepare
+    prepare()  # as every DeepSpeed start of the project: this environment's extension folder
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     world, rank = dist.get_world_size(), dist.get_rank()
     assert micro * accum * world == GLOBAL_BATCH, "micro x accum x world must equal the global batch"

@@ -42,15 +42,18 @@ def finish(proc: subprocess.Popen, *, what: str, timeout: float) -> subprocess.C
     """Wait for `proc` at most `timeout` seconds and collect its output; past that, kill its process group and
     fail the test naming `what` it waited for, with the child's last output. Its group is killed in any case, so
     that no grandchild outlives the test."""
+    timed_out = False
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        timed_out = True
         kill_group(proc)
         out, err = proc.communicate()
-        pytest.fail(f"{what}: still running after {timeout:g} s, killed with its process group.\n"
-                    f"--- last stdout ---\n{tail(out)}\n--- last stderr ---\n{tail(err)}", pytrace=False)
     finally:
         kill_group(proc)
+    if timed_out:
+        pytest.fail(f"{what}: still running after {timeout:g} s, killed with its process group.\n"
+                    f"--- last stdout ---\n{tail(out)}\n--- last stderr ---\n{tail(err)}", pytrace=False)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
