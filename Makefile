@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+OPS    := $(VENV)/.deepspeed_ops
 
 .PHONY: demo demo-vlbart demo-video test bench bench-all bench-quick decomposition env clean
 
@@ -12,27 +13,31 @@ $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m recipes.deepspeed_ops build
 	touch $(STAMP)
 
-env: $(STAMP)
+# DeepSpeed's CPU op, compiled once into the environment's own folder (recipes/deepspeed_ops.py)
+$(OPS): $(STAMP)
+	$(PY) -m recipes.deepspeed_ops build
+	touch $(OPS)
 
-demo: $(STAMP)
+env: $(OPS)
+
+demo: $(OPS)
 	bash launch/llava_dora.sh
 
-demo-vlbart: $(STAMP)
+demo-vlbart: $(OPS)
 	bash launch/vlbart_dora.sh
 
-demo-video: $(STAMP)
+demo-video: $(OPS)
 	bash launch/vlbart_dora.sh video
 
-test: $(STAMP)
+test: $(OPS)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(OPS)
 	$(PY) bench/dora_layer.py
 
-bench-all: $(STAMP)
+bench-all: $(OPS)
 	$(PY) bench/dora_layer.py
 	$(PY) bench/vlbart_step.py
 	$(PY) bench/features.py
@@ -40,10 +45,10 @@ bench-all: $(STAMP)
 	$(PY) bench/generate.py
 	$(PY) bench/llava_train.py
 
-decomposition: $(STAMP)
+decomposition: $(OPS)
 	$(PY) bench/decomposition.py --out runs/decomposition --results bench/results_decomposition_cpu.json --figures docs
 
-bench-quick: $(STAMP)
+bench-quick: $(OPS)
 	$(PY) bench/dora_layer.py --quick
 
 clean:
