@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from recipes.deepspeed_ops import prepare  # noqa: E402
+from recipes import deepspeed_ops  # noqa: E402
 
 METHODS = ("hf_peft_dora", "hf_peft_lora", "ours_peft_dora", "ours")
 EXTRA_METHODS = ("ours_lora_branch",)  # ours with dropout_mode lora-branch (one base GEMM; not the official form)
@@ -242,8 +242,9 @@ def run_method(method: str, root: Path, shape_name: str, out_dir: Path, round_: 
     out = out_dir / f"{method}_r{round_}.json"
     for old in out_dir.glob(f"{out.name}.rank*"):
         old.unlink()
+    # TORCH_EXTENSIONS_DIR: the HF Trainer starts DeepSpeed itself, so it is told our environment's folder here
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore",
-               TORCH_EXTENSIONS_DIR=str(prepare()))  # Trainer starts DeepSpeed itself: our extension folder
+               TORCH_EXTENSIONS_DIR=str(deepspeed_ops.prepare()))
     import torch
     if not torch.cuda.is_available():
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -204,6 +204,13 @@ class FeatureStore:
             self._handles[shard] = h
         return h
 
+    def verify(self) -> None:
+        """Read every shard's header once (no feature data): a truncated or overwritten shard raises StoreError
+        naming it. Training and evaluation call it at start-up, so that a damaged shard stops a run before it
+        starts, not in the middle of an epoch in whichever process reads it."""
+        for shard in sorted(set(self._id_to_shard.values())):
+            _shard_header_ids(self.root / shard)
+
     def close(self) -> None:
         self._handles = {}
 

@@ -69,22 +69,38 @@ def _records(path, keys: Sequence[str]) -> list[dict]:
     return data
 
 
+def _is_score(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _vqa_answers(path, i: int, r: dict) -> Optional[dict[str, float]]:
+    """{answer: score} of a VQA / GQA entry; None where it has no label (an evaluation file)."""
+    label = r.get("label")
+    if label is None:
+        return None
+    if not isinstance(label, dict) or not all(_is_score(s) for s in label.values()):
+        raise TaskDataError(f"{path}: entry {i} (question_id {r['question_id']}): label {str(label)[:80]} is not "
+                            f"{{answer: score}} with numeric scores, as VL-T5's files give it (e.g. {{\"two\": 1.0}})")
+    return {str(a): float(s) for a, s in label.items()}
+
+
 def read_vqa(paths: str | Sequence[str]) -> list[Example]:
     """VL-T5's VQA / GQA files (several are concatenated: GQA trains on train + valid)."""
     out = []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        for r in _records(path, ("img_id", "sent", "question_id")):
-            label = r.get("label")
-            out.append(Example(str(r["question_id"]), r["sent"], (str(r["img_id"]),),
-                               {str(a): float(s) for a, s in label.items()} if isinstance(label, dict) else None))
+        for i, r in enumerate(_records(path, ("img_id", "sent", "question_id"))):
+            out.append(Example(str(r["question_id"]), r["sent"], (str(r["img_id"]),), _vqa_answers(path, i, r)))
     return out
 
 
 def read_nlvr(path) -> list[Example]:
     out = []
-    for r in _records(path, ("identifier", "img0", "img1", "sent")):
+    for i, r in enumerate(_records(path, ("identifier", "img0", "img1", "sent"))):
         label = r.get("label")
-        answers = {NLVR_ANSWERS[int(label)]: 1.0} if label in (0, 1) else None
+        if label is not None and (not isinstance(label, int) or label not in (0, 1)):
+            raise TaskDataError(f"{path}: entry {i} ({r['identifier']}): label {label!r} ({type(label).__name__}) "
+                                f"must be the integer 0 (false) or 1 (true), as VL-T5's NLVR2 files give it")
+        answers = None if label is None else {NLVR_ANSWERS[int(label)]: 1.0}
         out.append(Example(r["identifier"], r["sent"], (r["img0"], r["img1"]), answers))
     return out
 

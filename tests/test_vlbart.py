@@ -357,3 +357,145 @@ def test_evaluate_scores_every_task_with_the_official_scorers(single_run):
     assert details["nlvr"]["coverage"]["predicted"] == details["nlvr"]["coverage"]["expected"] == 8 * 3
     lines = (out / "eval" / "predictions_nlvr.jsonl").read_text().splitlines()
     assert {json.loads(line)["text"] for line in lines} <= set(NLVR_ANSWERS)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def _config_with(assets, tmp_path, edit) -> Path:
+    path = write_config(assets, tmp_path / "bad")
+    config = yaml.safe_load(path.read_text())
+    edit(config)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _one_line_error(proc) -> str:
+    """The run's single `error:` line: exit 2, no traceback, one report whatever the number of ranks."""
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line and "exits with return code" not in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, subprocesses.output(proc)
+    return errors[0]
+
+
+def _copy_store(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_feature_store_of_another_width_is_refused_before_the_model_is_built(assets, tmp_path):
+    from recipes.vlbart.train import main
+
+    path = _config_with(assets, tmp_path, lambda c: c["model"].update(feat_dim=2 * FEAT))
+    with pytest.raises(Exception, match=rf"tasks.\w+.features: {assets['features']} holds {FEAT}-wide features, but "
+                                        rf"the model takes {2 * FEAT} \(model.feat_dim\)") as e:
+        main([str(path)])
+    assert type(e.value).__name__ == "ConfigError"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocesses.run([sys.executable, str(ROOT / "recipes/vlbart/train.py"), str(path)], env=env, cwd=ROOT,
+                            what="VL-BART training with features of another width", timeout=300)
+    assert "holds 16-wide features, but the model takes 32" in _one_line_error(proc)
+
+
+def test_a_damaged_shard_is_named_at_start_up(assets, tmp_path):
+    from recipes.vlbart.train import main
+
+    store = _copy_store(assets["features"], tmp_path / "features")
+    shard = sorted(store.glob("part-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a copy cut short
+    path = _config_with(assets, tmp_path, lambda c: c["tasks"]["gqa"].update(features=[str(store)]))
+    with pytest.raises(Exception, match=rf"tasks.gqa.features: shard {shard} cannot be read") as e:
+        main([str(path)])
+    assert type(e.value).__name__ == "TaskDataError"
+
+
+def test_an_empty_task_file_is_named_once_by_two_processes(assets, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    path = _config_with(assets, tmp_path, lambda c: c["tasks"]["nlvr"].update(train=[str(empty)]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    from test_llava_training import free_port
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "recipes/vlbart/train.py"), str(path)]
+    proc = subprocesses.run(cmd, what="2-process VL-BART training with an empty task file", timeout=300, env=env,
+                            cwd=ROOT)
+    assert _one_line_error(proc).endswith(f"error: tasks.nlvr: the train file {empty} holds no examples")
+
+
+def test_too_few_examples_for_the_processes_name_the_task_and_file(assets, tmp_path):
+    from data.vlbart import TaskDataError
+    from recipes.vlbart import train as recipe
+
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(json.loads(Path(assets["root"] / "data/nlvr/train.json").read_text())[:1]))
+    path = _config_with(assets, tmp_path, lambda c: c["tasks"]["nlvr"].update(train=[str(one)]))
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    class Recorder:  # the trainer asks the recipe for its batch plan with the world size
+        def __init__(self, config, model, dataset, collate, loss, hidden_size, batches):
+            captured["batches"] = batches
+            raise Stop
+
+    original = recipe.Trainer
+    recipe.Trainer = Recorder
+    try:
+        with pytest.raises(Stop):
+            recipe.main([str(path)])
+    finally:
+        recipe.Trainer = original
+    with pytest.raises(TaskDataError, match=rf"tasks.nlvr: 1 training example in {one} cannot be shared by 2 "
+                                            rf"processes"):
+        captured["batches"](0, 2)
+
+
+def test_malformed_labels_say_what_is_wrong(tmp_path):
+    from data.vlbart import TaskDataError
+
+    vqa = tmp_path / "vqa.json"
+    vqa.write_text(json.dumps([{"img_id": "i", "sent": "q?", "question_id": 7, "label": {"two": 1.0}},
+                               {"img_id": "i", "sent": "q?", "question_id": 8, "label": ["two", "2"]}]))
+    with pytest.raises(TaskDataError, match=r"vqa.json: entry 1 \(question_id 8\): label \['two', '2'\] is not "
+                                            r"\{answer: score\}"):
+        read_vqa(str(vqa))
+    vqa.write_text(json.dumps([{"img_id": "i", "sent": "q?", "question_id": 8, "label": {"two": "1"}}]))
+    with pytest.raises(TaskDataError, match="numeric scores"):
+        read_vqa(str(vqa))
+    nlvr = tmp_path / "nlvr.json"
+    nlvr.write_text(json.dumps([{"identifier": "dev-1-0-0", "img0": "a", "img1": "b", "sent": "s", "label": 1},
+                                {"identifier": "dev-1-0-1", "img0": "a", "img1": "b", "sent": "s", "label": "True"}]))
+    with pytest.raises(TaskDataError, match=r"nlvr.json: entry 1 \(dev-1-0-1\): label 'True' \(str\) must be the "
+                                            r"integer 0 \(false\) or 1 \(true\)"):
+        read_nlvr(str(nlvr))
+    nlvr.write_text(json.dumps([{"identifier": "dev-1-0-0", "img0": "a", "img1": "b", "sent": "s", "label": 1},
+                                {"identifier": "dev-1-0-1", "img0": "a", "img1": "b", "sent": "s"}]))
+    assert [e.answers for e in read_nlvr(str(nlvr))] == [{"true": 1.0}, None]  # evaluation files have no label
+
+
+def test_evaluate_offers_allow_partial_when_examples_have_no_features(single_run, assets, tmp_path):
+    import shutil
+
+    from data.features import FeatureStore, FeatureWriter
+
+    out, _ = single_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("eval*", "checkpoints"))
+    full = FeatureStore(assets["features"])
+    dropped = json.loads(Path(assets["root"] / "data/nlvr/test.json").read_text())[0]["img0"]
+    with FeatureWriter(tmp_path / "partial", shard_size=16) as w:
+        for key in full.ids():
+            if key != dropped:
+                w.add(key, full.get(key))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["tasks"]["nlvr"]["features"] = [str(tmp_path / "partial")]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "recipes.vlbart.evaluate", str(run), "--tasks", "nlvr", "--batch-size", "8"]
+    refused = subprocesses.run(command, what="recipes.vlbart.evaluate, features missing", timeout=300, cwd=ROOT,
+                               env=env)
+    assert "pass --allow-partial" in _one_line_error(refused)
+    scored = subprocesses.run(command + ["--allow-partial"], what="recipes.vlbart.evaluate --allow-partial",
+                              timeout=300, cwd=ROOT, env=env)
+    assert scored.returncode == 0, subprocesses.output(scored)
+    coverage = json.loads((run / "eval" / "scores.json").read_text())["details"]["nlvr"]["coverage"]
+    assert coverage["expected"] - coverage["predicted"] >= 1

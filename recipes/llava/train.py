@@ -110,8 +110,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (ConfigError, DataFormatError, TooManySkipsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    from recipes.cli import exit_on_user_errors
+    exit_on_user_errors(main, (ConfigError, DataFormatError, TooManySkipsError))

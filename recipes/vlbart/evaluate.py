@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def load_run(run: Path, with_adapter: bool = True, device=None):
 def predict(model, tokenizer, task: TaskConfig, batch_size: int, progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
-    dataset = task_dataset(task, tokenizer, "test")
+    dataset = task_dataset(task, tokenizer, "test", feat_dim=model.visual_config.feat_dim)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=VLCollator(tokenizer.pad_token_id))
     device = next(model.parameters()).device
     rows = []
@@ -68,7 +67,9 @@ def predict(model, tokenizer, task: TaskConfig, batch_size: int, progress: bool 
 
 
 def evaluate(run: Path, out: Path, tasks: list[str] | None = None, with_adapter: bool = True,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, allow_partial: bool = False) -> dict:
+    """Predictions and scores per task. `allow_partial`: score the examples that could be predicted when some
+    could not (no features for them), with the coverage reported, instead of refusing."""
     from eval.files import write_jsonl
     from eval.tasks import TaskOptions, score
 
@@ -86,6 +87,7 @@ def evaluate(run: Path, out: Path, tasks: list[str] | None = None, with_adapter:
         path = out / f"predictions_{name}.jsonl"
         write_jsonl(path, rows)
         options = {k: v for k, v in task.score.items() if k not in ("task", "gt")}
+        options.setdefault("allow_partial", allow_partial)
         results[name] = score(task.score["task"], path, Path(task.score["gt"]), TaskOptions(**options))
     summary = {name: round(r["score"], 2) for name, r in results.items()}
     (out / "scores.json").write_text(json.dumps({"scores": summary, "details": results,
@@ -125,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", help="comma-separated task names (default: every task with a test file)")
     parser.add_argument("--no-adapter", action="store_true", help="score the model before training")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="score the examples that could be predicted when some could not (no features for them); "
+                             "the coverage is reported")
     parser.add_argument("--submit", type=Path, metavar="DIR", help="write the server submission files instead")
     args = parser.parse_args(argv)
     if args.submit:
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
         return 0
     out = args.out or args.run / ("eval_base" if args.no_adapter else "eval")
     result = evaluate(args.run, out, args.tasks.split(",") if args.tasks else None, not args.no_adapter,
-                      args.batch_size)
+                      args.batch_size, args.allow_partial)
     for name, r in result["details"].items():
         print(f"{name:<10} {r['metric']:<45} {r['score']:8.2f}")
     print(json.dumps(result["scores"]))
@@ -140,4 +145,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from data.features import StoreError
+    from data.vlbart import TaskDataError
+    from eval.files import InputError
+    from recipes.cli import exit_on_user_errors
+    from recipes.config import ConfigError
+    exit_on_user_errors(main, (ConfigError, TaskDataError, StoreError, InputError))

@@ -34,6 +34,7 @@ from data.vlbart import (
     PROMPTS,
     Example,
     FeatureLookup,
+    TaskDataError,
     TaskDataset,
     read_karpathy_captions,
     read_nlvr,
@@ -117,16 +118,47 @@ def read_examples(task: TaskConfig, split: str) -> list[Example]:
     return [e for p in paths for e in read_karpathy_captions(p, splits, per_caption=split == "train")]
 
 
-def open_features(task: TaskConfig) -> FeatureLookup:
-    from data.features import FeatureStore
+def open_features(task: TaskConfig, feat_dim: Optional[int] = None) -> FeatureLookup:
+    """The task's feature stores, each checked whole before any model runs: a store that is missing or has a
+    damaged shard, or whose features are not `feat_dim` wide (the model's visual input), is an error naming it."""
+    from data.features import FeatureStore, StoreError
 
     if not task.features:
         raise ConfigError(f"tasks.{task.name} names no feature store")
-    return FeatureLookup([FeatureStore(p) for p in task.features])
+    stores = []
+    for path in task.features:
+        try:
+            store = FeatureStore(path)
+            store.verify()
+        except (FileNotFoundError, StoreError) as e:
+            raise TaskDataError(f"tasks.{task.name}.features: {e}") from None
+        if feat_dim is not None and store.feature_dim is not None and store.feature_dim != feat_dim:
+            made_by = store.metadata.get("model_name") or store.metadata.get("model")
+            raise ConfigError(f"tasks.{task.name}.features: {path} holds {store.feature_dim}-wide features"
+                              f"{f' ({made_by})' if made_by else ''}, but the model takes {feat_dim} (model.feat_dim): "
+                              f"use a store made by the tower the model expects, or set model.feat_dim")
+        stores.append(store)
+    return FeatureLookup(stores)
 
 
-def task_dataset(task: TaskConfig, tokenizer, split: str, seed: int = 0) -> TaskDataset:
-    return TaskDataset(task.name, read_examples(task, split), open_features(task), tokenizer, prompt=task.prompt,
+def read_task_data(task: TaskConfig, split: str, feat_dim: Optional[int] = None) -> tuple[list[Example],
+                                                                                        FeatureLookup]:
+    """A split's examples and feature stores, checked: what a run reads before it builds the model."""
+    examples = read_examples(task, split)
+    if not examples:
+        files = task.train if split == "train" else [task.test]
+        where = f" in splits {task.train_splits if split == 'train' else task.test_splits}" \
+            if task.format == "karpathy_caption" else ""
+        raise TaskDataError(f"tasks.{task.name}: the {split} file{'s' if len(files) > 1 else ''} "
+                            f"{', '.join(map(str, files))} hold{'' if len(files) > 1 else 's'} no examples{where}")
+    return examples, open_features(task, feat_dim)
+
+
+def task_dataset(task: TaskConfig, tokenizer, split: str, seed: int = 0, feat_dim: Optional[int] = None,
+                 data: Optional[tuple[list[Example], FeatureLookup]] = None) -> TaskDataset:
+    """`data`: what `read_task_data` returned (read otherwise)."""
+    examples, features = data or read_task_data(task, split, feat_dim)
+    return TaskDataset(task.name, examples, features, tokenizer, prompt=task.prompt,
                        max_input_length=task.max_input_length, max_target_length=task.max_target_length,
                        train=split == "train", seed=seed, frames=task.frames, truncate=task.truncate)
 

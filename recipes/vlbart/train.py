@@ -10,6 +10,7 @@ tokenizer, config.yaml (resolved) and train_summary.json. `python -m recipes.vlb
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -27,8 +28,9 @@ from data.sampling import RoundRobinBatches  # noqa: E402
 from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
-from recipes.vlbart.model import VisualConfig, VLSeq2Seq  # noqa: E402
-from recipes.vlbart.tasks import TaskConfig, task_configs, task_dataset, task_loss  # noqa: E402
+from recipes.vlbart.model import CONFIG_NAME, VisualConfig, VLSeq2Seq  # noqa: E402
+from recipes.vlbart.tasks import (TaskConfig, read_task_data, task_configs, task_dataset,  # noqa: E402
+                                  task_loss)
 
 METHODS = ("dora", "lora", "full")
 TRAINABLE_FILE = "trainable.safetensors"
@@ -44,6 +46,16 @@ class VLModelConfig:
     pool_grid: Optional[list] = field(default_factory=lambda: [6, 6])
     dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp32 on CPU (the reference trained in fp32)
     gradient_checkpointing: bool = False
+
+
+def model_feat_dim(config: VLModelConfig) -> int:
+    """The width of the visual features the model takes, known before it is built."""
+    if not config.pretrained:
+        return config.feat_dim
+    path = Path(config.pretrained) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: {config.pretrained} is not a VL model folder (no {CONFIG_NAME})")
+    return int(json.loads(path.read_text())["visual"]["feat_dim"])
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -143,15 +155,21 @@ def main(argv=None) -> int:
     train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
     model_cfg = VLModelConfig(**section(config, "model", [f.name for f in fields(VLModelConfig)]))
     tasks = task_configs(config)
+    # every task's files and feature stores are checked before the model is built
+    data = {name: read_task_data(t, "train", model_feat_dim(model_cfg)) for name, t in tasks.items()}
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation is the same in every process and run
     model, tokenizer = build_model(model_cfg)
     table = adapt(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    dataset = MultitaskDataset({name: task_dataset(t, tokenizer, "train", seed=train_cfg.seed)
+    dataset = MultitaskDataset({name: task_dataset(t, tokenizer, "train", seed=train_cfg.seed, data=data[name])
                                 for name, t in tasks.items()})
 
     def batches(rank: int, world: int) -> RoundRobinBatches:
+        for name, n in dataset.task_sizes.items():
+            if n < world:
+                raise TaskDataError(f"tasks.{name}: {n} training example{'s' * (n != 1)} in "
+                                    f"{', '.join(map(str, tasks[name].train))} cannot be shared by {world} processes")
         # a task's batch is global; a batch that the processes cannot share evenly is rounded (and reported)
         sizes = {name: max(1, round(t.batch_size / world)) for name, t in tasks.items()}
         return RoundRobinBatches(dataset.task_sizes, sizes, rank, world, seed=train_cfg.seed)
@@ -196,8 +214,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (ConfigError, TaskDataError, TooManySkipsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    from recipes.cli import exit_on_user_errors
+    from data.features import StoreError
+    exit_on_user_errors(main, (ConfigError, TaskDataError, TooManySkipsError, StoreError))
