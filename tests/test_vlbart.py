@@ -357,6 +357,32 @@ def test_evaluate_scores_every_task_with_the_official_scorers(single_run):
     assert details["nlvr"]["coverage"]["predicted"] == details["nlvr"]["coverage"]["expected"] == 8 * 3
     lines = (out / "eval" / "predictions_nlvr.jsonl").read_text().splitlines()
     assert {json.loads(line)["text"] for line in lines} <= set(NLVR_ANSWERS)
+    first = {p.name: p.read_text() for p in (out / "eval").glob("predictions_*.jsonl")}
+    again = subprocesses.run([sys.executable, "-m", "recipes.vlbart.evaluate", str(out), "--batch-size", "4"],
+                             what="recipes.vlbart.evaluate, second time", timeout=600, cwd=ROOT, env=env)
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == scores
+    assert {p.name: p.read_text() for p in (out / "eval").glob("predictions_*.jsonl")} == first
+
+
+def test_evaluation_rebuilds_the_trained_model_whatever_the_random_state(single_run):
+    """The added tokens' rows are drawn at random when the model is built from its backbone; <vis_extra_id_k> are
+    every visual token's object-order embedding. Evaluation must use the training run's rows (it drew new ones,
+    and answers changed between evaluations of one run)."""
+    from safetensors.torch import load_file
+
+    from recipes.vlbart.evaluate import load_run
+    from recipes.vlbart.model import ADDED_TOKENS
+
+    out, _ = single_run
+    rows = load_file(out / ADDED_TOKENS)["rows"]
+    models = []
+    for seed in (123, 456):
+        torch.manual_seed(seed)
+        models.append(load_run(out, device="cpu")[0].state_dict())
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    shared = models[0]["backbone.model.shared.weight"]
+    assert rows.shape == (200, shared.shape[1]) and torch.equal(shared[-200:].float(), rows)
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs

@@ -29,11 +29,18 @@ def load_run(run: Path, with_adapter: bool = True, device=None):
     """(model, tokenizer, config) of a training run, the trained weights applied (merged for DoRA)."""
     from dataclasses import fields
 
+    from recipes.trainer import TrainConfig
+    from recipes.vlbart.model import ADDED_TOKENS
     from recipes.vlbart.train import TRAINABLE_FILE, VLModelConfig, adapt, build_model
 
     config = load_config(run / "config.yaml")
     model_cfg = VLModelConfig(**section(config, "model", [f.name for f in fields(VLModelConfig)]))
+    # the model as training built it: its random draws (the added tokens' rows; the same seed for runs written
+    # before those rows were saved), then the trained weights
+    torch.manual_seed(int((config.get("train") or {}).get("seed", TrainConfig.seed)))
     model, tokenizer = build_model(model_cfg)
+    if (run / ADDED_TOKENS).is_file():
+        model.load_added_tokens(run / ADDED_TOKENS)
     method = config.get("method", "dora")
     if with_adapter:
         if method == "dora":

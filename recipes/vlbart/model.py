@@ -20,6 +20,7 @@ one (T5: relative positions, no embedding norm) takes the joint sequence as it i
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from data.image_features import pool_grid
 CONFIG_NAME = "vl_config.json"
 VISUAL_WEIGHTS = "visual_embedding.safetensors"
 BACKBONE_DIR = "backbone"
+ADDED_TOKENS = "added_token_embeddings.safetensors"  # a training run's initial rows of the added tokens
 N_EXTRA_IDS = 100  # VL-T5 adds <extra_id_99..0> and <vis_extra_id_99..0> to the vocabulary
 
 
@@ -92,6 +94,7 @@ class VLSeq2Seq(nn.Module):
         self.backbone = backbone
         self.visual_config = visual
         self.visual_embedding = VisualEmbedding(visual, backbone.config.d_model)
+        self.first_added_row: Optional[int] = None  # from_backbone: the token embedding rows it drew at random
         self._visual: Optional[torch.Tensor] = None
         norm = getattr(self.backbone.get_encoder(), "layernorm_embedding", None)
         if norm is not None:
@@ -106,9 +109,40 @@ class VLSeq2Seq(nn.Module):
         backbone = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **({"dtype": dtype} if dtype else {}))
         vocab = tokenizer.get_vocab()
         tokenizer.add_tokens([t for t in extra_tokens() if t not in vocab], special_tokens=True)
-        if backbone.get_input_embeddings().num_embeddings != len(tokenizer):
+        first_added = backbone.get_input_embeddings().num_embeddings
+        if first_added != len(tokenizer):
             backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        return cls(backbone, visual)
+        model = cls(backbone, visual)
+        if first_added < len(tokenizer):
+            model.first_added_row = first_added
+        return model
+
+    def save_added_tokens(self, path: str | Path) -> None:
+        """The added tokens' rows as drawn at random. They stay frozen unless a rule trains the embeddings, and the
+        <vis_extra_id_k> rows are every visual token's object-order embedding: evaluation must use these very
+        rows, not another draw (which changed answers from one evaluation to the next)."""
+        from safetensors.torch import save_file
+
+        if self.first_added_row is None:
+            return
+        rows = self.backbone.get_input_embeddings().weight[self.first_added_row:].detach().float().contiguous()
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({"rows": rows}, str(tmp), metadata={"first_row": str(self.first_added_row)})
+        os.replace(tmp, path)
+
+    @torch.no_grad()
+    def load_added_tokens(self, path: str | Path) -> None:
+        """Put back the rows `save_added_tokens` wrote (the shapes must agree: the same backbone and tokens)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            rows, first = f.get_tensor("rows"), int(f.metadata()["first_row"])
+        weight = self.backbone.get_input_embeddings().weight
+        if first != self.first_added_row or first + rows.shape[0] != weight.shape[0] or rows.shape[1] != weight.shape[1]:
+            raise ValueError(f"{path}: rows {first}..{first + rows.shape[0] - 1} of width {rows.shape[1]}, but the model "
+                             f"added rows {self.first_added_row}..{weight.shape[0] - 1} of width {weight.shape[1]}")
+        weight[first:] = rows.to(weight.dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
         from safetensors.torch import save_file

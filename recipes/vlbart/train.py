@@ -11,6 +11,7 @@ tokenizer, config.yaml (resolved) and train_summary.json. `python -m recipes.vlb
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -28,7 +29,7 @@ from data.sampling import RoundRobinBatches  # noqa: E402
 from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
-from recipes.vlbart.model import CONFIG_NAME, VisualConfig, VLSeq2Seq  # noqa: E402
+from recipes.vlbart.model import ADDED_TOKENS, CONFIG_NAME, VisualConfig, VLSeq2Seq  # noqa: E402
 from recipes.vlbart.tasks import (TaskConfig, read_task_data, task_configs, task_dataset,  # noqa: E402
                                   task_loss)
 
@@ -159,6 +160,10 @@ def main(argv=None) -> int:
     data = {name: read_task_data(t, "train", model_feat_dim(model_cfg)) for name, t in tasks.items()}
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation is the same in every process and run
     model, tokenizer = build_model(model_cfg)
+    out = Path(train_cfg.output_dir)
+    if int(os.environ.get("RANK") or 0) == 0:  # before DeepSpeed partitions anything
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_added_tokens(out / ADDED_TOKENS)
     table = adapt(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -177,7 +182,6 @@ def main(argv=None) -> int:
     trainer = Trainer(train_cfg, model, dataset, VLCollator(tokenizer.pad_token_id),
                       make_loss(tasks, model.visual_config.feat_dim), hidden_size=model.config.d_model,
                       batches=batches)
-    out = Path(train_cfg.output_dir)
     if trainer.is_main:
         print(table, flush=True)
         per_task = ", ".join(f"{n} {s} (batch {trainer.batches.task_batch_sizes[n] * trainer.world}"
