@@ -19,6 +19,7 @@ they replace.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence, Union
@@ -61,7 +62,9 @@ class DoRARule:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise TargetingError(f"rule {dict(data)}: unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
+            close = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in sorted(unknown)}
+            names = ", ".join(repr(k) + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+            raise TargetingError(f"rule {dict(data)}: unknown keys {names}; known keys: {sorted(known)}")
         if "match" not in data:
             raise TargetingError(f"rule {dict(data)}: missing 'match'")
         return cls(**data)

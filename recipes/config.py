@@ -3,11 +3,13 @@
     python -m recipes.llava.train recipes/llava/configs/demo.yaml train.lr=1e-3 train.epochs=2
 
 An override's key is a dotted path (train.max_steps=10); values are parsed as YAML (1e-3, true, [a, b]). A key the
-file does not have is added; a typo is still an error, raised by the section's reader, which knows its keys.
+file does not have is added; a typo is still an error naming the key and the closest valid name: a section by
+`load_config(..., sections=...)`, a key by the section's reader, which knows its keys (`unknown_keys`).
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,7 +36,19 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
+def unknown_keys(where: str, unknown: Iterable[str], known: Iterable[str], what: str = "key") -> ConfigError:
+    """The error for names a reader does not know, each with the closest valid one (a typo, most likely)."""
+    known = sorted(known)
+    names = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        names.append(repr(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(f"{where}: unknown {what}{'s' if len(names) > 1 else ''} {', '.join(names)}; "
+                       f"known: {', '.join(known)}")
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = (), sections: Iterable[str] | None = None) -> dict:
+    """The YAML file with the overrides applied; with `sections`, any other top-level name is an error."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
@@ -44,7 +58,10 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return apply_overrides(config, overrides, source=str(path))
+    config = apply_overrides(config, overrides, source=str(path))
+    if sections is not None and set(config) - set(sections):
+        raise unknown_keys(f"{path} (with its overrides)", set(config) - set(sections), sections, "section")
+    return config
 
 
 def apply_overrides(config: dict, overrides: Iterable[str], source: str = "config") -> dict:
@@ -73,7 +90,7 @@ def section(config: dict, name: str, known: Iterable[str]) -> dict:
         raise ConfigError(f"config section {name!r} must be a mapping")
     unknown = set(value) - set(known)
     if unknown:
-        raise ConfigError(f"config section {name!r}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        raise unknown_keys(f"config section {name!r}", unknown, known)
     return value
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import ConfigError
+from .config import ConfigError, unknown_keys
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"config section 'train': unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            raise unknown_keys("config section 'train'", unknown, known)
         if "output_dir" not in data:
             raise ConfigError("config section 'train' needs output_dir")
         return cls(**data)

@@ -82,7 +82,7 @@ def test_first_matching_rule_wins():
     ([{"match": r"nothing\.here", "rank": 2}], [], r"rule 0 \(match='nothing\\\\.here'\) matched no module"),
     ([{"match": r"layers\.0\.norm", "rank": 2}], [], r"matches 'layers.0.norm', a LayerNorm"),
     ([{"match": r"layers", "rank": 2}], [], r"matches 'layers', a ModuleList"),
-    ([{"match": r"head", "rnak": 2}], [], r"unknown keys \['rnak'\]"),
+    ([{"match": r"head", "rnak": 2}], [], r"unknown keys 'rnak' \(did you mean 'rank'\?\)"),
     ([{"match": r"head", "rank": 0}], [], r"rank must be >= 1"),
     ([{"match": r"head(", "rank": 2}], [], r"invalid regular expression"),
     ([{"match": r"head", "rank": 2}], [r"no\.such\.param"], r"train_fully pattern 'no\\\\.such\\\\.param' matched no"),

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     if not argv:
         print(__doc__)
         return 2
-    config = load_config(argv[0], argv[1:])
+    config = load_config(argv[0], argv[1:], sections=("model", "dora", "data", "train"))
     train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation (lora_A) is the same in every process and run
     model, tokenizer, image_processor, dataset, report = build(config)

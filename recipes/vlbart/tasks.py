@@ -41,7 +41,7 @@ from data.vlbart import (
     read_vqa,
 )
 from data.value import VIDEO_PROMPTS, read_subtitles, video_examples
-from recipes.config import ConfigError
+from recipes.config import ConfigError, unknown_keys
 
 FORMATS = ("vqa", "nlvr", "karpathy_caption", "video_qa", "video_caption")
 DEFAULT_FORMAT = {"vqa": "vqa", "gqa": "vqa", "nlvr": "nlvr", "caption": "karpathy_caption",
@@ -75,7 +75,7 @@ class TaskConfig:
         known = {f.name for f in fields(cls)} - {"name"}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"tasks.{name}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            raise unknown_keys(f"tasks.{name}", unknown, known)
         config = cls(name=name, **data)
         if isinstance(config.train, str):
             config.train = [config.train]
@@ -93,7 +93,23 @@ class TaskConfig:
             raise ConfigError(f"tasks.{name}.loss must be example or token, not {config.loss!r}")
         if config.predict.get("mode", "generate") not in ("generate", "choose"):
             raise ConfigError(f"tasks.{name}.predict.mode must be generate or choose")
+        for key, known in (("predict", _predict_keys()), ("score", _score_keys())):
+            unknown = set(getattr(config, key)) - known
+            if unknown:
+                raise unknown_keys(f"tasks.{name}.{key}", unknown, known)
         return config
+
+
+def _predict_keys() -> set[str]:
+    """`predict:` holds the mode, NLVR2's candidate answers, and generation settings (GenerationConfig's names)."""
+    from transformers import GenerationConfig
+    return {"mode", "answers"} | set(GenerationConfig().to_dict())
+
+
+def _score_keys() -> set[str]:
+    """`score:` names eval's task and ground truth, and eval's scoring options."""
+    from eval.tasks import TaskOptions
+    return {"task", "gt"} | {f.name for f in fields(TaskOptions)}
 
 
 def task_configs(config: dict) -> dict[str, TaskConfig]:

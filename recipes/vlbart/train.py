@@ -34,6 +34,7 @@ from recipes.vlbart.tasks import (TaskConfig, read_task_data, task_configs, task
                                   task_loss)
 
 METHODS = ("dora", "lora", "full")
+SECTIONS = ("model", "method", "dora", "lora", "full", "tasks", "train")
 TRAINABLE_FILE = "trainable.safetensors"
 
 
@@ -148,11 +149,7 @@ def main(argv=None) -> int:
     if not argv:
         print(__doc__)
         return 2
-    config = load_config(argv[0], argv[1:])
-    known = {"model", "method", "dora", "lora", "full", "tasks", "train"}
-    unknown = set(config) - known
-    if unknown:
-        raise ConfigError(f"{argv[0]}: unknown sections {sorted(unknown)}; known: {sorted(known)}")
+    config = load_config(argv[0], argv[1:], sections=SECTIONS)
     train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
     model_cfg = VLModelConfig(**section(config, "model", [f.name for f in fields(VLModelConfig)]))
     tasks = task_configs(config)
