@@ -1,11 +1,14 @@
-# Sourced by the launch scripts (run from the repository root): the Python and DeepSpeed to use, and
+# Sourced by the launch scripts: REPO (the repository), the Python and DeepSpeed to use, and
 # `deepspeed_launcher [MAX_GPUS]`, which runs the DeepSpeed ops pre-flight and sets the array `launcher`: every local
 # GPU (NUM_GPUS overrides the count, MAX_GPUS caps it), or without a GPU 2 CPU processes over gloo; with HOSTFILE,
 # many nodes (NUM_NODES, MASTER_ADDR).
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+# The scripts stay in the folder they are run from: a config path, and every relative path inside a config, is
+# relative to that folder (the demos write runs/... there); only the repository's own files are found through REPO.
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3 )}
 DEEPSPEED=${DEEPSPEED:-$(dirname "$PYTHON")/deepspeed}
 [ -x "$DEEPSPEED" ] || DEEPSPEED=deepspeed
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 
 deepspeed_launcher() {
   local cap=${1:-0}

@@ -10,8 +10,7 @@
 # Uses every local GPU; without a GPU, 2 CPU processes talking over gloo. NUM_GPUS overrides the count.
 # After training, `python -m recipes.vlbart.evaluate RUN_DIR` scores the run (the demo does it here).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source launch/deepspeed_env.sh
+source "$(dirname "$0")/deepspeed_env.sh"
 
 kind=image
 if [ "${1:-}" = video ]; then
@@ -21,19 +20,23 @@ fi
 demo=0
 if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then
   demo=1
-  config=recipes/vlbart/configs/demo_$kind.yaml
+  config=$REPO/recipes/vlbart/configs/demo_$kind.yaml
 else
   config=$1
   shift
 fi
-demo_args=(--root "runs/vlbart_demo")
-[ "$kind" = video ] && demo_args=(--video --root "runs/vlbart_video_demo")
+root=runs/vlbart_demo demo_args=()
+if [ "$kind" = video ]; then
+  root=runs/vlbart_video_demo demo_args=(--video)
+fi
 
 deepspeed_launcher "$(( demo ? 2 : 0 ))"   # the demo's task batches are sized for 2 processes
 if [ "$demo" = 1 ]; then
-  "$PYTHON" -m recipes.vlbart.demo prepare "${demo_args[@]}"
+  run=$("$PYTHON" -m recipes.demo run-dir "$root/run" "$@")   # a finished run is kept: a rerun trains beside it
+  set -- "$@" "train.output_dir=$run"
+  "$PYTHON" -m recipes.vlbart.demo prepare "${demo_args[@]}" --root "$root"
 fi
-"${launcher[@]}" recipes/vlbart/train.py "$config" "$@"
+"${launcher[@]}" "$REPO/recipes/vlbart/train.py" "$config" "$@"
 if [ "$demo" = 1 ]; then
-  "$PYTHON" -m recipes.vlbart.demo finish "${demo_args[@]}"
+  "$PYTHON" -m recipes.vlbart.demo finish "${demo_args[@]}" --root "$root" --run "$run"
 fi

@@ -7,8 +7,7 @@
 #
 # Uses every local GPU; without a GPU, 2 CPU processes talking over gloo. NUM_GPUS overrides the count.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source launch/deepspeed_env.sh
+source "$(dirname "$0")/deepspeed_env.sh"
 
 if [ $# -eq 0 ]; then
   sed -n '2,8p' "$0"
@@ -18,4 +17,4 @@ config=$1
 shift
 
 deepspeed_launcher
-"${launcher[@]}" recipes/vlm/train.py "$config" "$@"
+"${launcher[@]}" "$REPO/recipes/vlm/train.py" "$config" "$@"

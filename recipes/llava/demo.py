@@ -1,21 +1,22 @@
 """The built-in demo's two ends; `bash launch/llava_dora.sh` runs prepare, training, then finish.
 
     python -m recipes.llava.demo prepare [--root runs/demo]   # data, tokenizer, tiny LLM, CLIP tower, projector
-    python -m recipes.llava.demo finish  [--root runs/demo]   # merge, answer held-out questions, score, report
+    python -m recipes.llava.demo finish  [--root runs/demo] [--run RUN]   # merge, answer, score, report
 
-finish answers the held-out questions with the base model (before training) and with the merged DoRA model
-(after), scores both with the official VQA metric through `python -m eval`, prints a table, and prints the
-results as JSON on its last line.
+finish answers the held-out questions with the base model (before training, ROOT/base) and with the run's merged
+DoRA model (after, RUN/merged; RUN defaults to ROOT/run), scores both with the official VQA metric through
+`python -m eval`, prints a table, and prints the results as JSON on its last line. Nothing here deletes a run: the
+launch script trains a rerun in a new folder (recipes/demo.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from data.demo_shapes import COLOURS, SHAPES, write_demo_dataset
 from recipes.llava.demo_models import corpus_from_llava_json, dialogues_from_llava_json, make_demo_checkpoints
@@ -32,9 +33,6 @@ def prepare(root: Path, seed: int = 0) -> None:
         make_demo_checkpoints(checkpoints, corpus_from_llava_json(data / "train.json"),
                               dialogues_from_llava_json(data / "train.json"), lm_steps=60, seed=seed)
         print(f"wrote the demo LLM, CLIP tower and stage-1 projector to {checkpoints}", flush=True)
-    run = root / "run"
-    if (run / "train_summary.json").is_file():  # a finished run: start over (an unfinished one resumes)
-        shutil.rmtree(run)
 
 
 def _eval(command: list[str]) -> dict:
@@ -44,9 +42,9 @@ def _eval(command: list[str]) -> dict:
     return proc
 
 
-def answer_and_score(model_dir: Path, root: Path, name: str) -> dict:
-    answers = root / f"answers_{name}.jsonl"
-    scores = root / f"scores_{name}.json"
+def answer_and_score(model_dir: Path, root: Path, out: Path, name: str) -> dict:
+    answers = out / f"answers_{name}.jsonl"
+    scores = out / f"scores_{name}.json"
     _eval(["generate", "--model", str(model_dir), "--questions", str(root / "data" / "eval_questions.jsonl"),
            "--image-folder", str(root / "data" / "images"), "--out", str(answers), "--max-new-tokens", "8",
            "--restart"])  # a new run's model in the same folder: answer afresh
@@ -65,15 +63,15 @@ def answer_and_score(model_dir: Path, root: Path, name: str) -> dict:
     return result
 
 
-def finish(root: Path) -> dict:
+def finish(root: Path, run: Optional[Path] = None) -> dict:
     from recipes.llava.merge import merge_run
 
     start = time.perf_counter()
-    run = root / "run"
+    run = run or root / "run"
     merge_run(run, root / "base", with_adapter=False)
-    merge_run(run, root / "merged", with_adapter=True)
-    before = answer_and_score(root / "base", root, "before")
-    after = answer_and_score(root / "merged", root, "after")
+    merge_run(run, run / "merged", with_adapter=True)
+    before = answer_and_score(root / "base", root, root, "before")
+    after = answer_and_score(run / "merged", root, run, "after")
     summary = json.loads((run / "train_summary.json").read_text())
     print()
     print(f"{'held-out accuracy (VQA metric)':<32} {'before':>8} {'after':>8}")
@@ -87,7 +85,7 @@ def finish(root: Path) -> dict:
     result = {"before": round(before["score"] / 100, 4), "after": round(after["score"] / 100, 4),
               "chance": round(CHANCE, 4), "steps": summary["steps"], "final_loss": round(summary["losses"][-1], 4),
               "questions": after["coverage"]["expected"], "adapter": str(run / "adapter"),
-              "merged_model": str(root / "merged"), "evaluation_seconds": round(time.perf_counter() - start, 1)}
+              "merged_model": str(run / "merged"), "evaluation_seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(result), flush=True)
     return result
 
@@ -96,11 +94,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["prepare", "finish"])
     parser.add_argument("--root", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--run", type=Path, help="the training run to finish (default: ROOT/run)")
     args = parser.parse_args(argv)
     if args.step == "prepare":
         prepare(args.root)
     else:
-        finish(args.root)
+        finish(args.root, args.run)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The VL-BART demos' two ends; `bash launch/vlbart_dora.sh [video]` runs prepare, training, then finish.
 
     python -m recipes.vlbart.demo prepare [--video] [--root DIR]  # data, features, tokenizer, tiny BART
-    python -m recipes.vlbart.demo finish  [--video] [--root DIR]  # score before and after, table, JSON
+    python -m recipes.vlbart.demo finish  [--video] [--root DIR] [--run RUN]  # score before and after, table, JSON
 
 prepare writes generated data in the reference's file formats (images: data/vlbart_demo.py; videos: PyAV-written
 clips with VALUE-format annotations, data/video_demo.py), extracts features with randomly initialised open_clip
@@ -9,17 +9,18 @@ ResNets through the same code a real run uses (image grids; for videos one embed
 decord), their BatchNorm statistics estimated on the demo's images or frames, and saves a tiny BART with a locally
 trained byte-level BPE tokenizer, pretrained as BART is, by denoising the demo's sentences: it knows the language,
 not the tasks. finish scores the model before training (the same model, no adapter) and after, with
-`python -m recipes.vlbart.evaluate`, prints a table and prints the results as JSON on its last line.
+`python -m recipes.vlbart.evaluate`, prints a table and prints the results as JSON on its last line. RUN defaults
+to ROOT/run; nothing here deletes a run (the launch script trains a rerun in a new folder: recipes/demo.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 IMAGE_TASKS = {"vqa": "VQA accuracy", "gqa": "GQA accuracy", "nlvr": "NLVR2 accuracy", "caption": "COCO CIDEr"}
 IMAGE_CHANCE = {"vqa": 100 / 3 * (1 / 4 + 1 / 3 + 1 / 3), "gqa": 100 / 3 * (1 / 4 + 1 / 3 + 1 / 3), "nlvr": 50.0}
@@ -92,7 +93,6 @@ def prepare(root: Path, seed: int = 0) -> None:
     if not (root / "bart" / "model.safetensors").is_file():
         make_tiny_bart(root / "bart", image_texts(), steps=300, seed=seed)
         print(f"wrote the tiny BART and its tokenizer to {root / 'bart'}", flush=True)
-    _fresh_run(root)
 
 
 def prepare_video(root: Path, seed: int = 0) -> None:
@@ -114,13 +114,6 @@ def prepare_video(root: Path, seed: int = 0) -> None:
     if not (root / "bart" / "model.safetensors").is_file():
         make_tiny_bart(root / "bart", video_texts(data / "ann"), steps=300, seed=seed)
         print(f"wrote the tiny BART and its tokenizer to {root / 'bart'}", flush=True)
-    _fresh_run(root)
-
-
-def _fresh_run(root: Path) -> None:
-    run = root / "run"
-    if (run / "train_summary.json").is_file():  # a finished run: start over (an unfinished one resumes)
-        shutil.rmtree(run)
 
 
 def _evaluate(run: Path, *extra: str) -> dict:
@@ -131,9 +124,9 @@ def _evaluate(run: Path, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def finish(root: Path, tasks: dict[str, str], chance: dict[str, float]) -> dict:
+def finish(root: Path, tasks: dict[str, str], chance: dict[str, float], run: Optional[Path] = None) -> dict:
     start = time.perf_counter()
-    run = root / "run"
+    run = run or root / "run"
     before = _evaluate(run, "--no-adapter")
     after = _evaluate(run)
     summary = json.loads((run / "train_summary.json").read_text())
@@ -156,14 +149,15 @@ def main(argv=None) -> int:
     parser.add_argument("step", choices=["prepare", "finish"])
     parser.add_argument("--video", action="store_true", help="the video demo (TVQA, How2QA, TVC, YC2C)")
     parser.add_argument("--root", type=Path, help="default: runs/vlbart_demo (runs/vlbart_video_demo with --video)")
+    parser.add_argument("--run", type=Path, help="the training run to finish (default: ROOT/run)")
     args = parser.parse_args(argv)
     root = args.root or Path("runs/vlbart_video_demo" if args.video else "runs/vlbart_demo")
     if args.step == "prepare":
         (prepare_video if args.video else prepare)(root)
     elif args.video:
-        finish(root, VIDEO_TASKS, VIDEO_CHANCE)
+        finish(root, VIDEO_TASKS, VIDEO_CHANCE, args.run)
     else:
-        finish(root, IMAGE_TASKS, IMAGE_CHANCE)
+        finish(root, IMAGE_TASKS, IMAGE_CHANCE, args.run)
     return 0
 
 
