@@ -23,6 +23,7 @@ from data.llava import DataFormatError, LlavaCollator, LlavaDataConfig, LlavaDat
 from dora import apply_dora  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.llava.model import LlavaModelConfig, build_llava  # noqa: E402
+from recipes.preflight import check_file, check_folder, check_model, check_output  # noqa: E402
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 
 
@@ -71,6 +72,11 @@ def build(config: dict):
     model_cfg = LlavaModelConfig(**section(config, "model", [f.name for f in fields(LlavaModelConfig)]))
     dora_cfg = section(config, "dora", ["rules", "train_fully"])
     data_cfg = LlavaDataConfig(**section(config, "data", [f.name for f in fields(LlavaDataConfig)]))
+    for key in ("llava", "llm", "vision_tower"):  # everything the run reads, before any model is built
+        check_model(f"model.{key}", getattr(model_cfg, key))
+    check_file("model.projector", model_cfg.projector)
+    check_file("data.data_path", data_cfg.data_path)
+    check_folder("data.image_folder", data_cfg.image_folder)
     model, tokenizer, image_processor = build_llava(model_cfg)
     report = apply_dora(model, dora_cfg.get("rules", []), dora_cfg.get("train_fully", []), verbose=False)
     dataset = LlavaDataset(data_cfg, tokenizer, image_processor, model.config.image_token_id,
@@ -86,6 +92,7 @@ def main(argv=None) -> int:
         return 2
     config = load_config(argv[0], argv[1:], sections=("model", "dora", "data", "train"))
     train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
+    check_output("train.output_dir", train_cfg.output_dir)
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation (lora_A) is the same in every process and run
     model, tokenizer, image_processor, dataset, report = build(config)
     trainer = Trainer(train_cfg, model, dataset, LlavaCollator(tokenizer.pad_token_id), llava_loss,

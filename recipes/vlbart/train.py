@@ -28,6 +28,7 @@ from data.vlbart import MultitaskDataset, TaskDataError, VLCollator  # noqa: E40
 from data.sampling import RoundRobinBatches  # noqa: E402
 from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
+from recipes.preflight import check_folder, check_model, check_output  # noqa: E402
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 from recipes.vlbart.model import ADDED_TOKENS, CONFIG_NAME, VisualConfig, VLSeq2Seq  # noqa: E402
 from recipes.vlbart.tasks import (TaskConfig, read_task_data, task_configs, task_dataset,  # noqa: E402
@@ -153,6 +154,10 @@ def main(argv=None) -> int:
     train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
     model_cfg = VLModelConfig(**section(config, "model", [f.name for f in fields(VLModelConfig)]))
     tasks = task_configs(config)
+    check_output("train.output_dir", train_cfg.output_dir)
+    check_model("model.backbone", model_cfg.backbone)
+    check_folder("model.pretrained", model_cfg.pretrained)
+    check_model("model.tokenizer", model_cfg.tokenizer)
     # every task's files and feature stores are checked before the model is built
     data = {name: read_task_data(t, "train", model_feat_dim(model_cfg)) for name, t in tasks.items()}
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation is the same in every process and run

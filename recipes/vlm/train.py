@@ -29,6 +29,7 @@ from data.llava import DataFormatError  # noqa: E402
 from data.vlm_chat import ChatCollator, ChatDataConfig, ChatDataset  # noqa: E402
 from dora import apply_dora  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
+from recipes.preflight import check_file, check_folder, check_model, check_output  # noqa: E402
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -78,6 +79,9 @@ def build(config: dict):
     model_cfg = ChatModelConfig(**section(config, "model", [f.name for f in fields(ChatModelConfig)]))
     dora_cfg = section(config, "dora", ["rules", "train_fully"])
     data_cfg = ChatDataConfig(**section(config, "data", [f.name for f in fields(ChatDataConfig)]))
+    check_model("model.path", model_cfg.path)  # everything the run reads, before any model is built
+    check_file("data.data_path", data_cfg.data_path)
+    check_folder("data.image_folder", data_cfg.image_folder)
     model, processor = build_model(model_cfg)
     report = apply_dora(model, dora_cfg.get("rules", []), dora_cfg.get("train_fully", []), verbose=False)
     dataset = ChatDataset(data_cfg, processor)
@@ -97,6 +101,7 @@ def main(argv=None) -> int:
         return 2
     config = load_config(argv[0], argv[1:], sections=("model", "dora", "data", "train"))
     train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
+    check_output("train.output_dir", train_cfg.output_dir)
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation is the same in every process and run
     model, processor, dataset, report, collator = build(config)
     trainer = Trainer(train_cfg, model, dataset, collator, chat_loss, lengths=dataset.modality_lengths,
