@@ -354,7 +354,9 @@ class _DoRAScaledLinear(torch.autograd.Function):
                     x_in = x.reshape(-1).mul(1.0 / keep).index_fill_(0, dropped, 0.0)
                 else:
                     x_in = x if mask is None else _dropped(x, mask, keep)
-                grad_A = grad_xa2.t() @ x_in.view(-1, d_in)
+                # reshape: a view of a contiguous input, no copy; a copy of an input that no view can flatten
+                # (x.transpose(0, 1), hidden_states[:, 1:]), as nn.Linear copies such an input too
+                grad_A = grad_xa2.t() @ x_in.reshape(-1, d_in)
             if need_x and ctx.sparse:
                 # (mask / keep) grad_xa A: all of it at 1 / keep, the dropped entries taken out with the base part's
                 grad_x.view(-1, d_in).addmm_(grad_xa2, lora_A, alpha=1.0 / keep)
@@ -582,8 +584,10 @@ class DoRALinear(nn.Module):
         dropping = self.training and self.dropout > 0.0
         keep = 1.0 - self.dropout
         # The keep mask is drawn as F.dropout draws it on CPU (one Bernoulli per element, same random stream);
-        # kept as bool, it is a quarter of the float mask F.dropout keeps there.
-        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(keep) if dropping else None
+        # kept as bool, it is a quarter of the float mask F.dropout keeps there. It is drawn in x's logical order
+        # (empty, not empty_like, which would follow a transposed x's strides): the same seed drops the same
+        # entries whatever x's memory layout.
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep) if dropping else None
         exact_dropout = dropping and self.dropout_mode == "exact"
 
         trainable = (self.magnitude, self.lora_A, self.lora_B, self.bias)

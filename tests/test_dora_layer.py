@@ -802,3 +802,98 @@ def test_decomposition_analysis_keeps_small_updates_in_fp32_layers():
     got = model_decomposition_deltas(model)["0"]
     assert got.direction == pytest.approx(want.direction, rel=1e-6)
     assert got.magnitude == pytest.approx(want.magnitude, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- input layouts
+# Non-contiguous inputs as models produce them, each of shape (2, 6, 16): a sequence-first tensor transposed, a
+# conv feature map flattened to tokens, and LLaVA's hidden_states[:, 1:] (the CLS token dropped) with batch 2.
+NON_CONTIGUOUS = {
+    "transpose(0, 1)": (lambda: torch.randn(6, 2, 16, dtype=torch.float64), lambda t: t.transpose(0, 1)),
+    "flatten(2).transpose(1, 2)": (lambda: torch.randn(2, 16, 2, 3, dtype=torch.float64),
+                                   lambda t: t.flatten(2).transpose(1, 2)),
+    "[:, 1:]": (lambda: torch.randn(2, 7, 16, dtype=torch.float64), lambda t: t[:, 1:]),
+}
+DROPOUT_FORMS = {  # (layer options, SPARSE_DROPOUT)
+    "none": ({}, "never"),
+    "lora-branch": ({"dropout": 0.3, "dropout_mode": "lora-branch"}, "never"),
+    "exact dense": ({"dropout": 0.3}, "never"),
+    "exact sparse": ({"dropout": 0.3}, "always"),
+}
+
+
+def _formula_by_hand(layer, x, seed):
+    """The layer's output written out in float64 from its tensors and the dropout mask of `seed` (drawn as
+    F.dropout draws it, over x's logical shape): the DoRA formula in each dropout form."""
+    W, b, A, B, m, s = layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling
+    V = W + s * B @ A
+    g = m / V.norm(dim=1).detach()
+    if not layer.dropout:
+        return g * (x @ V.t()) + b
+    torch.manual_seed(seed)
+    x_drop = torch.nn.functional.dropout(x.contiguous(), layer.dropout, training=True)
+    adapter = s * (x_drop @ A.t() @ B.t())
+    if layer.dropout_mode == "lora-branch":
+        return g * (x @ W.t() + adapter) + b
+    return x @ W.t() + (g - 1) * (x_drop @ W.t()) + g * adapter + b
+
+
+@pytest.mark.parametrize("layout", NON_CONTIGUOUS)
+@pytest.mark.parametrize("form", DROPOUT_FORMS)
+def test_non_contiguous_inputs_train_like_contiguous_ones(layout, form, sparse_calls):
+    # nn.Linear takes these layouts; backward used to fail with "view size is not compatible with input tensor's
+    # size and stride" (a view of x for lora_A's gradient). Same gradients as the contiguous input's, with the
+    # same mask, and as the formula written out.
+    options, sparse = DROPOUT_FORMS[form]
+    sparse_calls.force(sparse)
+    layer = make_layer(16, 12, 4, **options)
+    make, arrange = NON_CONTIGUOUS[layout]
+    leaf = make().requires_grad_(True)
+    x = arrange(leaf)
+    assert x.shape == (2, 6, 16) and not x.is_contiguous()
+    x_c = x.detach().contiguous().requires_grad_(True)
+    params = [layer.lora_A, layer.lora_B, layer.magnitude, layer.bias]
+    gy = torch.randn(2, 6, 12, dtype=torch.float64)
+    runs = []
+    for inp in (x, x_c):
+        torch.manual_seed(11)
+        y = layer(inp)
+        runs.append((y, *grads(y, [inp] + params, gy)))
+    assert sparse_calls.forward == (2 if sparse == "always" else 0)
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    ref = _formula_by_hand(layer, x, seed=11)
+    torch.testing.assert_close(runs[0][0], ref)
+    for got, want in zip(runs[0][1:], grads(ref, [x] + params, gy)):
+        torch.testing.assert_close(got, want)
+
+
+class _CopyCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a tensor into new memory (clone, copy_, contiguous's _to_copy)."""
+
+    COPIES = ("aten.clone", "aten.copy_", "aten._to_copy")
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.COPIES):
+            self.copies.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form", DROPOUT_FORMS)
+def test_backward_copies_a_contiguous_input_never_and_a_transposed_one_once(form, sparse_calls):
+    # The fix for non-contiguous inputs flattens x for lora_A's gradient with reshape: a view (no copy) when x is
+    # contiguous, as the view was before; one copy of a transposed x, which no view can flatten.
+    options, sparse = DROPOUT_FORMS[form]
+    sparse_calls.force(sparse)
+    layer = make_layer(16, 12, 4, bias=False, **options)
+    params = [layer.lora_A, layer.lora_B, layer.magnitude]
+    for x, copies in [(torch.randn(2, 6, 16, dtype=torch.float64), 0),
+                      (torch.randn(6, 2, 16, dtype=torch.float64).transpose(0, 1), 1)]:
+        x.requires_grad_(True)
+        y = layer(x)
+        with _CopyCounter() as counter:
+            grads(y, [x] + params, torch.ones_like(y))
+        assert len(counter.copies) == copies, counter.copies
