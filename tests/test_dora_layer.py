@@ -825,8 +825,10 @@ def _formula_by_hand(layer, x, seed):
     """The layer's output written out in float64 from its tensors and the dropout mask of `seed` (drawn as
     F.dropout draws it, over x's logical shape): the DoRA formula in each dropout form."""
     W, b, A, B, m, s = layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling
+    b = 0.0 if b is None else b
     V = W + s * B @ A
-    g = m / V.norm(dim=1).detach()
+    norm = V.norm(dim=1)
+    g = m / (norm.detach() if layer.detach_norm else norm)
     if not layer.dropout:
         return g * (x @ V.t()) + b
     torch.manual_seed(seed)
@@ -897,3 +899,53 @@ def test_backward_copies_a_contiguous_input_never_and_a_transposed_one_once(form
         with _CopyCounter() as counter:
             grads(y, [x] + params, torch.ones_like(y))
         assert len(counter.copies) == copies, counter.copies
+
+
+# ----------------------------------------------------------------------------------------------- magnitude gradient
+# Magnitudes as multiples of their row's norm ||W0 + sBA||, i.e. g = m / norm: exactly 0 (twice, once as -0.0),
+# so small that g - 1 rounds to -1 in float64, small, and ordinary values of either sign.
+G_VALUES = [0.0, -0.0, 1e-20, 1e-9, 1e-3, 0.05, 0.3, -0.5, 1.0, 1.3, 0.0, 2.0]
+
+
+@pytest.mark.parametrize("form", DROPOUT_FORMS)
+@pytest.mark.parametrize("detach_norm", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_magnitude_gradient_at_zero_and_small_magnitudes_equals_the_formula(form, detach_norm, bias, sparse_calls):
+    # dL/dm where m_i == 0 used to be 0: dL/dg was recovered from the scaled output u = g (W0 + sBA) x as u / g,
+    # and u holds nothing of (W0 + sBA) x where g == 0 (nor, in float64, where g < 1e-16, g - 1 rounding to -1).
+    options, sparse = DROPOUT_FORMS[form]
+    sparse_calls.force(sparse)
+    layer = make_layer(16, 12, 4, bias=bias, detach_norm=detach_norm, **options)
+    with torch.no_grad():
+        layer.magnitude.copy_(torch.tensor(G_VALUES, dtype=torch.float64) * layer.weight_norm())
+    assert (layer.magnitude == 0).sum() == 3
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.lora_A, layer.lora_B, layer.magnitude] + ([layer.bias] if bias else [])
+    gy = torch.randn(3, 5, 12, dtype=torch.float64)
+    torch.manual_seed(11)
+    y = layer(x)
+    ref = _formula_by_hand(layer, x, seed=11)
+    torch.testing.assert_close(y, ref)
+    got, want = grads(y, params, gy), grads(ref, params, gy)
+    assert (want[3][layer.magnitude == 0].abs() > 1e-3).all()  # the reference's gradient there is not 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bias_free_layer_keeps_its_output_only_while_no_magnitude_is_small():
+    # A bias-free layer returns and keeps u = g v (no extra memory; an in-place op on it is caught by autograd)
+    # while every |g| >= 1/16, re-checked when the magnitude changes: with a zero magnitude it keeps v instead.
+    layer = make_layer(16, 12, 4, bias=False)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    gy = torch.randn(4, 12, dtype=torch.float64)
+    params = [layer.lora_A, layer.lora_B, layer.magnitude]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        grads(layer(x).mul_(2), params, gy)
+    for row, value in [(3, 0.0), (3, 1e-9), (3, 1.0)]:
+        with torch.no_grad():
+            layer.magnitude[row] = value * layer.weight_norm()[row]  # in place: a new version, seen by the check
+        y, ref = layer(x), _formula_by_hand(layer, x, seed=0)
+        for a, b in zip(grads(y, params, gy), grads(ref, params, gy)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # g back near 1: u kept again
+        grads(layer(x).mul_(2), params, gy)
