@@ -25,6 +25,7 @@ What this implementation does differently from PEFT / torchtune / the official c
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from typing import Optional, Sequence
@@ -73,6 +74,24 @@ _CHUNK_ELEMENTS = 1 << 22  # rows are upcast to fp32 in chunks of at most this m
 # output-sized tensor) instead of recovering it from its output as u / g (see _DoRAScaledLinear): at g = 1/16 that
 # division costs about 17 units of rounding, at g = 0 everything. Training keeps g near 1 (m starts at the norm).
 _SMALL_SCALE = 1.0 / 16
+
+
+def _validated_rank(rank) -> int:
+    # bool is an int to Python, and a float or str rank used to fail deep inside torch.empty
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an integer, got {rank!r} ({type(rank).__name__})")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank!r}")
+    return int(rank)
+
+
+def _validated_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a finite number > 0, got {alpha!r} ({type(alpha).__name__})")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}: the update s B A is scaled by "
+                         f"s = alpha / rank, so at alpha 0 lora_A and lora_B never get a gradient")
+    return float(alpha)
 
 
 def _accumulation_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -445,12 +464,17 @@ class DoRALinear(nn.Module):
         adapter_dtype=None,
     ):
         super().__init__()
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"DoRALinear({in_features} -> {out_features}) created under torch.inference_mode(): its parameters "
+                f"would be inference tensors, which can never be trained (nor have their norm cached); create it "
+                f"(apply_dora, load_adapter, import_peft) outside inference_mode, and run only forwards under it")
+        if not magnitude_only:
+            rank, alpha = _validated_rank(rank), _validated_alpha(alpha)
         if dropout_mode not in DROPOUT_MODES:
             raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if not magnitude_only and rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
         self.in_features, self.out_features = in_features, out_features
         self.rank = 0 if magnitude_only else int(rank)
         self.alpha = float(alpha)
@@ -488,7 +512,16 @@ class DoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, rank: int = 8, alpha: float = 16.0, **options) -> "DoRALinear":
         """Wrap an existing nn.Linear: its weight and bias Parameters are taken over as they are (no copy), and
         so is its training / eval mode."""
+        if not isinstance(linear, nn.Linear):
+            hint = (": it is already adapted, and wrapping it would drop its adapter (lora_A, lora_B, magnitude)"
+                    if isinstance(linear, DoRALinear) else "")
+            raise TypeError(f"from_linear takes an nn.Linear, got a {type(linear).__name__}{hint}")
         w = linear.weight
+        if w.is_inference():
+            raise RuntimeError(
+                "the Linear's weight is an inference tensor (made under torch.inference_mode()), which has no "
+                "version counter for the norm cache to follow: build the model outside inference_mode, or clone the "
+                "weight outside it first (linear.weight = nn.Parameter(linear.weight.clone()))")
         # Built on the meta device so that no second base weight is allocated, then given the real one.
         module = cls(linear.in_features, linear.out_features, rank, alpha, bias=linear.bias is not None,
                      device="meta", dtype=w.dtype, **options)
@@ -586,6 +619,13 @@ class DoRALinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         device_type = x.device.type
+        if device_type == "meta" or self.weight.is_meta:
+            # (before: "unknown device type for autocast", or a device mismatch naming neither tensor)
+            which = " and ".join(n for n, t in (("x", x), ("weight", self.weight)) if t.is_meta)
+            raise ValueError(
+                f"DoRALinear({self.in_features} -> {self.out_features}): {which} on the meta device, which holds "
+                f"shapes but no values; materialise the layer first (module.to_empty(device=...), then load or "
+                f"reset_parameters()) and give it a real input")
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):

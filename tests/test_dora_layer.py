@@ -1,6 +1,8 @@
 """The DoRA layer against a dense float64 reference, PEFT's DoRA, and its own gradient checks."""
 import copy
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -949,3 +951,72 @@ def test_bias_free_layer_keeps_its_output_only_while_no_magnitude_is_small():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # g back near 1: u kept again
         grads(layer(x).mul_(2), params, gy)
+
+
+# ----------------------------------------------------------------------------------------------- argument errors
+@pytest.mark.parametrize("alpha", [0, 0.0, -2.0, float("nan"), float("inf")])
+def test_alpha_must_be_a_positive_number(alpha):
+    # at alpha 0 the adapter's update s B A is 0 whatever A and B are: neither gets a gradient, it never learns
+    with pytest.raises(ValueError, match=rf"alpha must be a finite number > 0, got {alpha!r}"):
+        DoRALinear(8, 6, rank=2, alpha=alpha)
+    with pytest.raises(ValueError, match=rf"alpha must be a finite number > 0, got {alpha!r}"):
+        DoRALinear.from_linear(nn.Linear(8, 6), rank=2, alpha=alpha)
+    with pytest.raises(TypeError, match=r"alpha must be a finite number > 0, got '16' \(str\)"):
+        DoRALinear(8, 6, rank=2, alpha="16")
+
+
+@pytest.mark.parametrize("rank", [8.5, 8.0, "8", True, None])
+def test_rank_must_be_an_integer(rank):
+    with pytest.raises(TypeError, match=rf"rank must be an integer, got {re.escape(repr(rank))} "
+                                        rf"\({type(rank).__name__}\)"):
+        DoRALinear(8, 6, rank=rank, alpha=16)
+    with pytest.raises(TypeError, match="rank must be an integer"):
+        DoRALinear.from_linear(nn.Linear(8, 6), rank=rank)
+    assert DoRALinear(8, 6, rank=np.int64(3)).rank == 3  # integers of other kinds are integers
+
+
+@pytest.mark.parametrize("rank", [0, -1])
+def test_rank_must_be_at_least_one(rank):
+    with pytest.raises(ValueError, match=rf"rank must be >= 1, got {rank}"):
+        DoRALinear(8, 6, rank=rank)
+
+
+def test_a_forward_on_the_meta_device_is_refused_clearly():
+    # Before: "unknown device type for autocast" (meta input) or "Tensor on device meta is not on the expected
+    # device cpu" (meta layer, real input).
+    meta = DoRALinear(8, 6, rank=2, device="meta")
+    for layer, x, which in [(meta, torch.randn(3, 8, device="meta"), "x and weight"),
+                            (meta, torch.randn(3, 8), "weight"),
+                            (DoRALinear(8, 6, rank=2), torch.randn(3, 8, device="meta"), "x")]:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), pytest.raises(
+                    ValueError, match=rf"DoRALinear\(8 -> 6\): {which} on the meta device"):
+                layer(x)
+    meta.to_empty(device="cpu").reset_parameters()  # materialised: it runs
+    assert meta(torch.randn(3, 8)).shape == (3, 6)
+
+
+def test_a_layer_made_under_inference_mode_is_refused_at_construction():
+    # Its parameters would be inference tensors: never trainable (and before, any forward failed with "Inference
+    # tensors do not track version counter").
+    linear = nn.Linear(8, 6)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"DoRALinear\(8 -> 6\) created under torch.inference_mode\(\)"):
+            DoRALinear(8, 6, rank=2)
+        with pytest.raises(RuntimeError, match=r"created under torch.inference_mode\(\)"):
+            DoRALinear.from_linear(linear, rank=2)
+        frozen = nn.Linear(8, 6)
+    with pytest.raises(RuntimeError, match=r"the Linear's weight is an inference tensor"):
+        DoRALinear.from_linear(frozen, rank=2)
+    layer = DoRALinear.from_linear(linear, rank=2)  # outside inference mode: trains, and runs under it
+    layer(torch.randn(3, 8)).sum().backward()
+    with torch.inference_mode():
+        layer(torch.randn(3, 8))
+
+
+def test_from_linear_refuses_a_dora_layer_and_other_modules():
+    layer = DoRALinear(8, 6, rank=2)
+    with pytest.raises(TypeError, match=r"from_linear takes an nn.Linear, got a DoRALinear: .*already adapted"):
+        DoRALinear.from_linear(layer, rank=4)
+    with pytest.raises(TypeError, match=r"from_linear takes an nn.Linear, got a Conv1d"):
+        DoRALinear.from_linear(nn.Conv1d(8, 6, 1))
