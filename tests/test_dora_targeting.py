@@ -371,3 +371,16 @@ def test_apply_dora_refuses_the_layers_of_a_peft_adapter(match, module, owner):
     assert not dora_modules(peft_model)
     # the same model unwrapped (merge_and_unload) is an ordinary model again
     apply_dora(peft_model.merge_and_unload(), [{"match": r".*_proj", "rank": 2}], verbose=False)
+
+
+def test_unload_removes_the_spec_so_nothing_saves_a_stale_adapter(tmp_path):
+    # The spec left on an unloaded model would let save_adapter write its train_fully parameters under rules
+    # whose modules are gone: an adapter that loads into fresh, untrained DoRA layers.
+    model = adapted()
+    unload_dora(model)
+    assert not hasattr(model, "dora_spec")
+    with pytest.raises(TargetingError, match="has no DoRA spec"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    apply_dora(model, RULES, TRAIN_FULLY, verbose=False)  # it can be adapted afresh
+    assert len(dora_modules(model)) == 8
