@@ -430,14 +430,14 @@ class DoRALinear(nn.Module):
             raises); with this option the output is a separate tensor (one output-sized tensor more), as it is
             anyway while some |g| = |m| / ||W0 + sBA|| is below 1/16 (a zero magnitude, say: see _SMALL_SCALE).
 
-    The norm cache. With the detached norm, ||W0 + sBA|| (and ||W0||^2, and g - 1 for inference) is cached and
-    recomputed when any of weight, lora_A, lora_B (and magnitude, for g - 1) is a different tensor object or
-    has a new version counter (any in-place edit, optimizer.step(), load_state_dict, assign=True or not,
-    torch.func.functional_call, `layer.lora_B = nn.Parameter(...)`), after every optimizer step in the process,
-    and after `.to()` / `.cuda()` / `.half()` (which swap storage through `.data`). A write through `.data`
-    outside an optimizer step is seen by nothing: after `p.data.copy_(...)` or `p.data = ...` on weight,
-    lora_A, lora_B or (in eval mode) magnitude, call `invalidate_norm_cache()` (or `dora.invalidate_norm_caches(
-    model)`). Under torch.compile the norm is computed inside the graph on every forward (no cache, no graph
+    The norm cache. With the detached norm, ||W0 + sBA|| (and ||W0||^2, g - 1 for inference, and in training
+    whether some |g| < 1/16) is cached and recomputed when any of weight, lora_A, lora_B (and magnitude, for the
+    last two) is a different tensor object or has a new version counter (any in-place edit, optimizer.step(),
+    load_state_dict, assign=True or not, torch.func.functional_call, `layer.lora_B = nn.Parameter(...)`), after
+    every optimizer step in the process, and after `.to()` / `.cuda()` / `.half()` (which swap storage through
+    `.data`). A write through `.data` outside an optimizer step is seen by nothing: after `p.data.copy_(...)` or
+    `p.data = ...` on weight, lora_A, lora_B or magnitude, call `invalidate_norm_cache()` (or
+    `dora.invalidate_norm_caches(model)`). Under torch.compile the norm is computed inside the graph on every forward (no cache, no graph
     break: a cache check is Python state that a graph cannot test without breaking).
 
     Under autocast, fp32 weights are cast to the autocast dtype on every forward, the base weight included (an
