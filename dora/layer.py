@@ -12,9 +12,9 @@ What this implementation does differently from PEFT / torchtune / the official c
   once per optimizer step and reused by gradient-accumulation micro-steps and activation-checkpoint
   recomputation (see `DoRALinear` for when the cache is refreshed).
 - The whole layer is one autograd Function, also with dropout in either mode. For the magnitude gradient it
-  keeps the unbiased output u = g * (W0 + sBA) x (no dropout, lora-branch) or the adapted output of the dropped
-  input (W0 + sBA) drop(x) (exact dropout): one output-sized tensor, none when a layer without bias and without
-  dropout returns u itself.
+  keeps (W0 + sBA) x (no dropout, lora-branch) or the adapted output of the dropped input (W0 + sBA) drop(x)
+  (exact dropout): one output-sized tensor, none when a layer without bias and without exact dropout returns
+  u = g * (W0 + sBA) x itself and divides by g in backward (only while every |g| >= 1/16: see _SMALL_SCALE).
 - g - 1, not g, multiplies the output, in the compute dtype: bf16 cannot represent g = 1.003 (it rounds to
   1.0) but represents 0.003, so small magnitude changes survive bf16/fp16 weights.
 - The exact dropout form needs the base weight applied to the dropped input too. On CPU, at small dropout
@@ -25,6 +25,7 @@ What this implementation does differently from PEFT / torchtune / the official c
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from typing import Optional, Sequence
@@ -68,6 +69,29 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 _CHUNK_ELEMENTS = 1 << 22  # rows are upcast to fp32 in chunks of at most this many elements
+
+# Below this |g| = |m| / ||W0 + sBA|| a bias-free layer keeps its unscaled output for the magnitude gradient (one
+# output-sized tensor) instead of recovering it from its output as u / g (see _DoRAScaledLinear): at g = 1/16 that
+# division costs about 17 units of rounding, at g = 0 everything. Training keeps g near 1 (m starts at the norm).
+_SMALL_SCALE = 1.0 / 16
+
+
+def _validated_rank(rank) -> int:
+    # bool is an int to Python, and a float or str rank used to fail deep inside torch.empty
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an integer, got {rank!r} ({type(rank).__name__})")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank!r}")
+    return int(rank)
+
+
+def _validated_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a finite number > 0, got {alpha!r} ({type(alpha).__name__})")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}: the update s B A is scaled by "
+                         f"s = alpha / rank, so at alpha 0 lora_A and lora_B never get a gradient")
+    return float(alpha)
 
 
 def _accumulation_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -159,14 +183,20 @@ def _dropped(x: torch.Tensor, mask: torch.Tensor, keep: float) -> torch.Tensor:
     return torch.mul(x, mask).mul_(1.0 / keep)
 
 
-def _scaled_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling):
-    """y = (1 + gm1) * (x W^T + s (x_drop A^T) B^T) (+ b, in place), with one allocation of y; x_drop is the
-    adapter's input (dropout(x) in the lora-branch mode), None for x itself. Returns (y, xa)."""
-    y = F.linear(x, weight)
+def _unscaled_output(x, x_drop, weight, lora_A, lora_B, scaling):
+    """v = x W^T + s (x_drop A^T) B^T; x_drop is the adapter's input (dropout(x) in the lora-branch mode), None for
+    x itself. Returns (v, xa)."""
+    v = F.linear(x, weight)
     xa = None
     if lora_A is not None:
         xa = F.linear(x if x_drop is None else x_drop, lora_A)
-        _add_low_rank(y, xa, lora_B, scaling)
+        _add_low_rank(v, xa, lora_B, scaling)
+    return v, xa
+
+
+def _scaled_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling):
+    """y = (1 + gm1) * v (+ b), v as `_unscaled_output`, in place: one allocation of y. Returns (y, xa)."""
+    y, xa = _unscaled_output(x, x_drop, weight, lora_A, lora_B, scaling)
     y.addcmul_(y, gm1)
     if bias is not None:
         y.add_(bias)
@@ -254,14 +284,18 @@ class _DoRAScaledLinear(torch.autograd.Function):
         y = x W^T + s (x~ A^T) B^T + (g - 1) * h + b,  h = x~ W^T + s (x~ A^T) B^T
 
     Saved for backward: x (not x~, which is recomputed from x and the bool mask: x is often kept anyway, as the
-    previous DoRA layer's u), the mask, x~ A^T, and for the magnitude gradient u (sum_t dL/dy * u / g) or h
-    (sum_t dL/dy * h). A layer without bias and without exact dropout returns u itself and saves it: no extra
-    memory when the next op keeps its input anyway (a linear layer, attention's v, SwiGLU's gate and up, the next
-    DoRA layer). With a bias, or with `inplace_safe`, the output is a separate tensor and u is kept: one
-    output-sized tensor, exact in bf16 (u recovered as y - b would lose the digits that a large bias takes), and
-    the output may be modified in place. Exact dropout keeps h. The input gradient is one tensor accumulated in
-    place (the dropout's mask applied on the way); the exact form needs a second base product in backward too
-    ((g - 1) dL/dy W for x~ besides dL/dy W for x).
+    previous DoRA layer's u), the mask, x~ A^T, and for the magnitude gradient (dL/dg = sum_t dL/dy * v, with
+    v = x W^T + s (x~ A^T) B^T, or h in the exact form) one of:
+    - u = g * v itself, which a layer without bias returns (`separate_output` False): no extra memory when the next
+      op keeps its input anyway (a linear layer, attention's v, SwiGLU's gate and up, the next DoRA layer); backward
+      divides by g. u holds nothing of v where g == 0, and u / g loses about 1 / |g| units of rounding (below
+      1e-16 in float64, g - 1 rounds to -1 and u to 0): the caller takes this form only if every |g| >= _SMALL_SCALE.
+    - v, the output being a separate tensor (a bias, or `separate_output`): one output-sized tensor, exact for any
+      g, 0 included, and in bf16 (v recovered from y - b would lose the digits that a large bias takes); the output
+      may be modified in place.
+    - h (exact dropout).
+    The input gradient is one tensor accumulated in place (the dropout's mask applied on the way); the exact form
+    needs a second base product in backward too ((g - 1) dL/dy W for x~ besides dL/dy W for x).
 
     The exact form's second base product in either direction is a dense GEMM, or (`SPARSE_DROPOUT`, on CPU at
     small p) a product over the dropped entries only: W0 x~ = (W0 x - W0 r) / keep in forward, and in backward
@@ -271,9 +305,9 @@ class _DoRAScaledLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, mask, weight, bias, lora_A, lora_B, g, scaling, keep, exact_dropout, inplace_safe):
+    def forward(ctx, x, mask, weight, bias, lora_A, lora_B, g, scaling, keep, exact_dropout, separate_output):
         gm1 = (g - 1.0).to(x.dtype)
-        sparse = False
+        sparse = divide = False
         if exact_dropout:
             y, xa, kept, dropped = _exact_dropout_output(x, mask, keep, weight, bias, lora_A, lora_B, gm1, scaling)
             if dropped is not None:
@@ -283,14 +317,15 @@ class _DoRAScaledLinear(torch.autograd.Function):
                 mask, sparse = dropped, True
         else:
             x_drop = None if mask is None else _dropped(x, mask, keep)
-            kept, xa = _scaled_output(x, x_drop, weight, None, lora_A, lora_B, gm1, scaling)
-            if bias is not None:
-                y = torch.add(kept, bias)
-            elif inplace_safe:
-                y = kept.clone()
+            kept, xa = _unscaled_output(x, x_drop, weight, lora_A, lora_B, scaling)
+            if bias is None and not separate_output:
+                y = kept = kept.addcmul_(kept, gm1)  # u, in place: the output is what backward keeps
+                divide = True
             else:
-                y = kept
-        ctx.scaling, ctx.keep, ctx.exact_dropout, ctx.sparse = scaling, keep, exact_dropout, sparse
+                y = torch.addcmul(kept, kept, gm1)
+                if bias is not None:
+                    y.add_(bias)
+        ctx.scaling, ctx.keep, ctx.exact_dropout, ctx.sparse, ctx.divide = scaling, keep, exact_dropout, sparse, divide
         ctx.save_for_backward(x, mask, xa, weight, lora_A, lora_B, g, gm1, kept if ctx.needs_input_grad[6] else None)
         return y
 
@@ -312,9 +347,9 @@ class _DoRAScaledLinear(torch.autograd.Function):
         if need_g:
             buffer = torch.mul(grad_y, kept)
             grad_g = buffer.view(-1, out).sum(dim=0, dtype=acc)
-            if not ctx.exact_dropout:
-                # u = g * (...): divide by g. A row with g == 0 (magnitude exactly 0) has u = 0, so its gradient
-                # is 0: exact when W0's row is zero too, which is how such rows arise (m starts at ||W0 row|| = 0).
+            if ctx.divide:
+                # u = g * v: divide by g (no |g| < _SMALL_SCALE here, see the class docstring; the guard only keeps
+                # a direct caller's g == 0 from giving NaN)
                 grad_g /= torch.where(g == 0, 1.0, g)
         # Gradients keep the inputs' N-d shapes (matmul, not a view of mm): autograd accumulates a view
         # out of place, which would cost one more copy of the input gradient.
@@ -354,7 +389,9 @@ class _DoRAScaledLinear(torch.autograd.Function):
                     x_in = x.reshape(-1).mul(1.0 / keep).index_fill_(0, dropped, 0.0)
                 else:
                     x_in = x if mask is None else _dropped(x, mask, keep)
-                grad_A = grad_xa2.t() @ x_in.view(-1, d_in)
+                # reshape: a view of a contiguous input, no copy; a copy of an input that no view can flatten
+                # (x.transpose(0, 1), hidden_states[:, 1:]), as nn.Linear copies such an input too
+                grad_A = grad_xa2.t() @ x_in.reshape(-1, d_in)
             if need_x and ctx.sparse:
                 # (mask / keep) grad_xa A: all of it at 1 / keep, the dropped entries taken out with the base part's
                 grad_x.view(-1, d_in).addmm_(grad_xa2, lora_A, alpha=1.0 / keep)
@@ -390,16 +427,17 @@ class DoRALinear(nn.Module):
             back-propagates through the norm into A and B.
         inplace_safe: the next op modifies this layer's output in place (nn.ReLU(inplace=True)). A layer without
             bias saves its own output for the magnitude gradient, which such an op would change (autograd then
-            raises); with this option the output is a separate tensor (one output-sized tensor more).
+            raises); with this option the output is a separate tensor (one output-sized tensor more), as it is
+            anyway while some |g| = |m| / ||W0 + sBA|| is below 1/16 (a zero magnitude, say: see _SMALL_SCALE).
 
-    The norm cache. With the detached norm, ||W0 + sBA|| (and ||W0||^2, and g - 1 for inference) is cached and
-    recomputed when any of weight, lora_A, lora_B (and magnitude, for g - 1) is a different tensor object or
-    has a new version counter (any in-place edit, optimizer.step(), load_state_dict, assign=True or not,
-    torch.func.functional_call, `layer.lora_B = nn.Parameter(...)`), after every optimizer step in the process,
-    and after `.to()` / `.cuda()` / `.half()` (which swap storage through `.data`). A write through `.data`
-    outside an optimizer step is seen by nothing: after `p.data.copy_(...)` or `p.data = ...` on weight,
-    lora_A, lora_B or (in eval mode) magnitude, call `invalidate_norm_cache()` (or `dora.invalidate_norm_caches(
-    model)`). Under torch.compile the norm is computed inside the graph on every forward (no cache, no graph
+    The norm cache. With the detached norm, ||W0 + sBA|| (and ||W0||^2, g - 1 for inference, and in training
+    whether some |g| < 1/16) is cached and recomputed when any of weight, lora_A, lora_B (and magnitude, for the
+    last two) is a different tensor object or has a new version counter (any in-place edit, optimizer.step(),
+    load_state_dict, assign=True or not, torch.func.functional_call, `layer.lora_B = nn.Parameter(...)`), after
+    every optimizer step in the process, and after `.to()` / `.cuda()` / `.half()` (which swap storage through
+    `.data`). A write through `.data` outside an optimizer step is seen by nothing: after `p.data.copy_(...)` or
+    `p.data = ...` on weight, lora_A, lora_B or magnitude, call `invalidate_norm_cache()` (or
+    `dora.invalidate_norm_caches(model)`). Under torch.compile the norm is computed inside the graph on every forward (no cache, no graph
     break: a cache check is Python state that a graph cannot test without breaking).
 
     Under autocast, fp32 weights are cast to the autocast dtype on every forward, the base weight included (an
@@ -426,12 +464,17 @@ class DoRALinear(nn.Module):
         adapter_dtype=None,
     ):
         super().__init__()
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"DoRALinear({in_features} -> {out_features}) created under torch.inference_mode(): its parameters "
+                f"would be inference tensors, which can never be trained (nor have their norm cached); create it "
+                f"(apply_dora, load_adapter, import_peft) outside inference_mode, and run only forwards under it")
+        if not magnitude_only:
+            rank, alpha = _validated_rank(rank), _validated_alpha(alpha)
         if dropout_mode not in DROPOUT_MODES:
             raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if not magnitude_only and rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
         self.in_features, self.out_features = in_features, out_features
         self.rank = 0 if magnitude_only else int(rank)
         self.alpha = float(alpha)
@@ -460,6 +503,7 @@ class DoRALinear(nn.Module):
         self._merge_norm: Optional[torch.Tensor] = None  # the norm at merge time; exact unmerge needs it
         self.norm_computations = 0  # how many times the row norm was computed (observability and tests)
         self._w2_cache, self._norm_cache, self._gm1_cache = _NormCache(), _NormCache(), _NormCache()
+        self._small_scale_cache = _NormCache()  # whether some |g| < _SMALL_SCALE, a Python bool
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -468,7 +512,16 @@ class DoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, rank: int = 8, alpha: float = 16.0, **options) -> "DoRALinear":
         """Wrap an existing nn.Linear: its weight and bias Parameters are taken over as they are (no copy), and
         so is its training / eval mode."""
+        if not isinstance(linear, nn.Linear):
+            hint = (": it is already adapted, and wrapping it would drop its adapter (lora_A, lora_B, magnitude)"
+                    if isinstance(linear, DoRALinear) else "")
+            raise TypeError(f"from_linear takes an nn.Linear, got a {type(linear).__name__}{hint}")
         w = linear.weight
+        if w.is_inference():
+            raise RuntimeError(
+                "the Linear's weight is an inference tensor (made under torch.inference_mode()), which has no "
+                "version counter for the norm cache to follow: build the model outside inference_mode, or clone the "
+                "weight outside it first (linear.weight = nn.Parameter(linear.weight.clone()))")
         # Built on the meta device so that no second base weight is allocated, then given the real one.
         module = cls(linear.in_features, linear.out_features, rank, alpha, bias=linear.bias is not None,
                      device="meta", dtype=w.dtype, **options)
@@ -512,7 +565,7 @@ class DoRALinear(nn.Module):
     def invalidate_norm_cache(self) -> None:
         """Forget the cached norms. Needed only after writing weight, lora_A, lora_B or magnitude through
         `.data` outside an optimizer step (see the class docstring)."""
-        for cache in (self._w2_cache, self._norm_cache, self._gm1_cache):
+        for cache in (self._w2_cache, self._norm_cache, self._gm1_cache, self._small_scale_cache):
             cache.clear()
 
     def _apply(self, fn, recurse=True):
@@ -566,6 +619,13 @@ class DoRALinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         device_type = x.device.type
+        if device_type == "meta" or self.weight.is_meta:
+            # (before: "unknown device type for autocast", or a device mismatch naming neither tensor)
+            which = " and ".join(n for n, t in (("x", x), ("weight", self.weight)) if t.is_meta)
+            raise ValueError(
+                f"DoRALinear({self.in_features} -> {self.out_features}): {which} on the meta device, which holds "
+                f"shapes but no values; materialise the layer first (module.to_empty(device=...), then load or "
+                f"reset_parameters()) and give it a real input")
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
@@ -582,8 +642,10 @@ class DoRALinear(nn.Module):
         dropping = self.training and self.dropout > 0.0
         keep = 1.0 - self.dropout
         # The keep mask is drawn as F.dropout draws it on CPU (one Bernoulli per element, same random stream);
-        # kept as bool, it is a quarter of the float mask F.dropout keeps there.
-        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(keep) if dropping else None
+        # kept as bool, it is a quarter of the float mask F.dropout keeps there. It is drawn in x's logical order
+        # (empty, not empty_like, which would follow a transposed x's strides): the same seed drops the same
+        # entries whatever x's memory layout.
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep) if dropping else None
         exact_dropout = dropping and self.dropout_mode == "exact"
 
         trainable = (self.magnitude, self.lora_A, self.lora_B, self.bias)
@@ -594,13 +656,28 @@ class DoRALinear(nn.Module):
                 return _exact_dropout_output(x, mask, keep, weight, bias, lora_A, lora_B, gm1, self.scaling)[0]
             x_drop = None if mask is None else _dropped(x, mask, keep)
             return _scaled_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, self.scaling)[0]
-        return _DoRAScaledLinear.apply(x, mask, weight, bias, lora_A, lora_B, self._scale(), self.scaling, keep,
-                                       exact_dropout, self.inplace_safe)
+        g = self._scale()
+        separate = self.inplace_safe or (bias is None and not exact_dropout and self._has_small_scale(g))
+        return _DoRAScaledLinear.apply(x, mask, weight, bias, lora_A, lora_B, g, self.scaling, keep, exact_dropout,
+                                       separate)
 
     def _scale(self) -> torch.Tensor:
         """g = m / ||W0 + sBA||_row in fp32, differentiable in m (and in A, B without detach_norm)."""
         norm = self.weight_norm(differentiable=self._needs_norm_graph())
         return self.magnitude.to(norm.dtype) / norm
+
+    def _has_small_scale(self, g: torch.Tensor) -> bool:
+        """Whether some |g_i| < _SMALL_SCALE. Cached on g's sources like g - 1: read (on a GPU, one device-to-host
+        copy) once per optimizer step, not per micro-step. Under torch.compile True, without reading g: the
+        compiled graph decides itself what it keeps for backward."""
+        if torch.compiler.is_compiling():
+            return True
+        sources = (self.weight, *self._adapter_factors(), self.magnitude)
+        stamp = self._cache_stamp()
+        small = self._small_scale_cache.get(sources, stamp)
+        if small is None:
+            small = self._small_scale_cache.put(bool((g.detach().abs() < _SMALL_SCALE).any()), sources, stamp)
+        return small
 
     def _cached_gm1(self, dtype: torch.dtype) -> torch.Tensor:
         """Inference: g - 1 in the compute dtype, cached on the norm's sources and the magnitude."""

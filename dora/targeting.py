@@ -11,7 +11,8 @@ A rule is plain data, as a YAML config holds it:
       - 'model\\.multi_modal_projector\\..*'                     # regex, full match on the parameter name
 
 The first rule whose pattern matches a module's qualified name wins. A rule that matches nothing, or that
-matches a module that is not an nn.Linear, is an error naming the rule; so is a `train_fully` pattern that
+matches a module that is not an nn.Linear or belongs to a PEFT adapter layer (a get_peft_model() model: DoRA
+would stack a second adapter there), is an error naming the rule; so is a `train_fully` pattern that
 matches no parameter, or that matches an adapted module's frozen weight or its adapter parameters (lora_A,
 lora_B, magnitude: the rules train those). New DoRA layers take the training / eval mode of the Linear layers
 they replace.
@@ -26,7 +27,7 @@ from typing import Iterable, Mapping, Sequence, Union
 
 import torch.nn as nn
 
-from .layer import DROPOUT_MODES, DoRALinear
+from .layer import DROPOUT_MODES, DoRALinear, _validated_alpha, _validated_rank
 
 
 class TargetingError(ValueError):
@@ -52,8 +53,12 @@ class DoRARule:
             raise TargetingError(f"rule {self.match!r}: invalid regular expression ({e})") from None
         if self.dropout_mode not in DROPOUT_MODES:
             raise TargetingError(f"rule {self.match!r}: dropout_mode must be one of {DROPOUT_MODES}")
-        if not self.magnitude_only and self.rank < 1:
-            raise TargetingError(f"rule {self.match!r}: rank must be >= 1")
+        if not self.magnitude_only:  # rank and alpha as DoRALinear takes them, the error naming the rule
+            try:
+                _validated_rank(self.rank)
+                _validated_alpha(self.alpha)
+            except (TypeError, ValueError) as e:
+                raise TargetingError(f"rule {self.match!r}: {e}") from None
         if not 0.0 <= self.dropout < 1.0:
             raise TargetingError(f"rule {self.match!r}: dropout must be in [0, 1)")
 
@@ -168,11 +173,20 @@ def apply_dora(
 
     # 1. Decide, before changing anything, so that an error leaves the model untouched.
     chosen: list[tuple[str, nn.Linear, int]] = []
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if not name:
             continue  # the model itself
         for i, regex in enumerate(compiled):
             if regex.fullmatch(name):
+                peft_layer = _peft_layer_of(modules, name)
+                if peft_layer is not None:
+                    where = (f"a PEFT adapter layer ({type(module).__name__})" if peft_layer == name else
+                             f"part of PEFT's adapter layer {peft_layer!r}")
+                    raise TargetingError(
+                        f"rule {i} (match={rules[i].match!r}) matches {name!r}, {where}: DoRA there would stack a "
+                        f"second adapter on PEFT's; apply DoRA to the base model, not to a get_peft_model() one "
+                        f"(or fold PEFT's adapter in first: merge_and_unload())")
                 if not isinstance(module, nn.Linear):
                     raise TargetingError(
                         f"rule {i} (match={rules[i].match!r}) matches {name!r}, a {type(module).__name__}; "
@@ -243,6 +257,23 @@ def apply_dora(
     if verbose:
         print(report.table())
     return report
+
+
+# What a PEFT tuner layer holds (its wrapped layer, its adapters' modules): a module on such a path belongs to it.
+_PEFT_PARTS = {"base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B"}
+
+
+def _peft_layer_of(modules: Mapping[str, nn.Module], name: str):
+    """The name of the PEFT tuner layer (LoraLayer and its kin, told by their BaseTunerLayer base: peft itself is
+    not imported) that is `name` or holds it, or the path before a PEFT part name such as base_layer; else None."""
+    parts = name.split(".")
+    for end in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:end])
+        if any(c.__name__ == "BaseTunerLayer" for c in type(modules.get(prefix)).__mro__):
+            return prefix
+        if end < len(parts) and parts[end] in _PEFT_PARTS:
+            return prefix
+    return None
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -78,3 +78,33 @@ def test_adapters_of_format_version_1_still_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     assert sorted(dora_modules(fresh)) == sorted(dora_modules(model))
+
+
+def test_a_merged_model_neither_exports_nor_loads(tmp_path):
+    # A merged layer's weight already holds g (W0 + sBA): an exported or loaded adapter would be applied twice.
+    from dora import export_peft, merge_dora
+    model = adapted()
+    save_adapter(model, tmp_path / "a")
+    merge_dora(model)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(AdapterError, match=r"module 'layers.0.q_proj' is merged; unmerge before exporting"):
+        export_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    with pytest.raises(AdapterError, match=r"module 'layers.0.q_proj' is merged; unmerge the model before loading"):
+        load_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_an_adapter_of_a_newer_format_version_is_refused(tmp_path):
+    from dora import read_adapter_config
+    save_adapter(adapted(), tmp_path / "a")
+    config_file = tmp_path / "a" / "dora_config.json"
+    config = json.loads(config_file.read_text())
+    config["format_version"] = 3
+    config_file.write_text(json.dumps(config))
+    for read in (read_adapter_config, lambda path: load_adapter(TinyNet(), path)):
+        with pytest.raises(AdapterError, match=r"format_version 3 is newer than this library's 2"):
+            read(tmp_path / "a")

@@ -188,3 +188,17 @@ def test_model_level_invalidation_reaches_every_layer():
     model(torch.randn(2, 16))
     invalidate_norm_caches(model)
     assert all(m._norm_cache.value is None for m in dora_modules(model).values())
+
+
+def test_eval_scale_cache_is_kept_per_compute_dtype():
+    # g - 1 is cached in the compute dtype: a bf16 autocast forward caches it rounded to bf16, which an fp32
+    # forward after it must not reuse (it would be off by ~2e-4 relative: bf16's rounding of g - 1).
+    layer = adapted_model()[0].eval()
+    x = torch.randn(5, 16)
+    want = fresh_copy(layer).eval()(x)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # and back: the bf16 entry is not the fp32 one either
+            torch.testing.assert_close(layer(x).float(), want, rtol=0, atol=0.05 * want.abs().max().item())

@@ -1,6 +1,8 @@
 """The DoRA layer against a dense float64 reference, PEFT's DoRA, and its own gradient checks."""
 import copy
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -802,3 +804,219 @@ def test_decomposition_analysis_keeps_small_updates_in_fp32_layers():
     got = model_decomposition_deltas(model)["0"]
     assert got.direction == pytest.approx(want.direction, rel=1e-6)
     assert got.magnitude == pytest.approx(want.magnitude, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- input layouts
+# Non-contiguous inputs as models produce them, each of shape (2, 6, 16): a sequence-first tensor transposed, a
+# conv feature map flattened to tokens, and LLaVA's hidden_states[:, 1:] (the CLS token dropped) with batch 2.
+NON_CONTIGUOUS = {
+    "transpose(0, 1)": (lambda: torch.randn(6, 2, 16, dtype=torch.float64), lambda t: t.transpose(0, 1)),
+    "flatten(2).transpose(1, 2)": (lambda: torch.randn(2, 16, 2, 3, dtype=torch.float64),
+                                   lambda t: t.flatten(2).transpose(1, 2)),
+    "[:, 1:]": (lambda: torch.randn(2, 7, 16, dtype=torch.float64), lambda t: t[:, 1:]),
+}
+DROPOUT_FORMS = {  # (layer options, SPARSE_DROPOUT)
+    "none": ({}, "never"),
+    "lora-branch": ({"dropout": 0.3, "dropout_mode": "lora-branch"}, "never"),
+    "exact dense": ({"dropout": 0.3}, "never"),
+    "exact sparse": ({"dropout": 0.3}, "always"),
+}
+
+
+def _formula_by_hand(layer, x, seed):
+    """The layer's output written out in float64 from its tensors and the dropout mask of `seed` (drawn as
+    F.dropout draws it, over x's logical shape): the DoRA formula in each dropout form."""
+    W, b, A, B, m, s = layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling
+    b = 0.0 if b is None else b
+    V = W + s * B @ A
+    norm = V.norm(dim=1)
+    g = m / (norm.detach() if layer.detach_norm else norm)
+    if not layer.dropout:
+        return g * (x @ V.t()) + b
+    torch.manual_seed(seed)
+    x_drop = torch.nn.functional.dropout(x.contiguous(), layer.dropout, training=True)
+    adapter = s * (x_drop @ A.t() @ B.t())
+    if layer.dropout_mode == "lora-branch":
+        return g * (x @ W.t() + adapter) + b
+    return x @ W.t() + (g - 1) * (x_drop @ W.t()) + g * adapter + b
+
+
+@pytest.mark.parametrize("layout", NON_CONTIGUOUS)
+@pytest.mark.parametrize("form", DROPOUT_FORMS)
+def test_non_contiguous_inputs_train_like_contiguous_ones(layout, form, sparse_calls):
+    # nn.Linear takes these layouts; backward used to fail with "view size is not compatible with input tensor's
+    # size and stride" (a view of x for lora_A's gradient). Same gradients as the contiguous input's, with the
+    # same mask, and as the formula written out.
+    options, sparse = DROPOUT_FORMS[form]
+    sparse_calls.force(sparse)
+    layer = make_layer(16, 12, 4, **options)
+    make, arrange = NON_CONTIGUOUS[layout]
+    leaf = make().requires_grad_(True)
+    x = arrange(leaf)
+    assert x.shape == (2, 6, 16) and not x.is_contiguous()
+    x_c = x.detach().contiguous().requires_grad_(True)
+    params = [layer.lora_A, layer.lora_B, layer.magnitude, layer.bias]
+    gy = torch.randn(2, 6, 12, dtype=torch.float64)
+    runs = []
+    for inp in (x, x_c):
+        torch.manual_seed(11)
+        y = layer(inp)
+        runs.append((y, *grads(y, [inp] + params, gy)))
+    assert sparse_calls.forward == (2 if sparse == "always" else 0)
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    ref = _formula_by_hand(layer, x, seed=11)
+    torch.testing.assert_close(runs[0][0], ref)
+    for got, want in zip(runs[0][1:], grads(ref, [x] + params, gy)):
+        torch.testing.assert_close(got, want)
+
+
+class _CopyCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a tensor into new memory (clone, copy_, contiguous's _to_copy)."""
+
+    COPIES = ("aten.clone", "aten.copy_", "aten._to_copy")
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.COPIES):
+            self.copies.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form", DROPOUT_FORMS)
+def test_backward_copies_a_contiguous_input_never_and_a_transposed_one_once(form, sparse_calls):
+    # The fix for non-contiguous inputs flattens x for lora_A's gradient with reshape: a view (no copy) when x is
+    # contiguous, as the view was before; one copy of a transposed x, which no view can flatten.
+    options, sparse = DROPOUT_FORMS[form]
+    sparse_calls.force(sparse)
+    layer = make_layer(16, 12, 4, bias=False, **options)
+    params = [layer.lora_A, layer.lora_B, layer.magnitude]
+    for x, copies in [(torch.randn(2, 6, 16, dtype=torch.float64), 0),
+                      (torch.randn(6, 2, 16, dtype=torch.float64).transpose(0, 1), 1)]:
+        x.requires_grad_(True)
+        y = layer(x)
+        with _CopyCounter() as counter:
+            grads(y, [x] + params, torch.ones_like(y))
+        assert len(counter.copies) == copies, counter.copies
+
+
+# ----------------------------------------------------------------------------------------------- magnitude gradient
+# Magnitudes as multiples of their row's norm ||W0 + sBA||, i.e. g = m / norm: exactly 0 (twice, once as -0.0),
+# so small that g - 1 rounds to -1 in float64, small, and ordinary values of either sign.
+G_VALUES = [0.0, -0.0, 1e-20, 1e-9, 1e-3, 0.05, 0.3, -0.5, 1.0, 1.3, 0.0, 2.0]
+
+
+@pytest.mark.parametrize("form", DROPOUT_FORMS)
+@pytest.mark.parametrize("detach_norm", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_magnitude_gradient_at_zero_and_small_magnitudes_equals_the_formula(form, detach_norm, bias, sparse_calls):
+    # dL/dm where m_i == 0 used to be 0: dL/dg was recovered from the scaled output u = g (W0 + sBA) x as u / g,
+    # and u holds nothing of (W0 + sBA) x where g == 0 (nor, in float64, where g < 1e-16, g - 1 rounding to -1).
+    options, sparse = DROPOUT_FORMS[form]
+    sparse_calls.force(sparse)
+    layer = make_layer(16, 12, 4, bias=bias, detach_norm=detach_norm, **options)
+    with torch.no_grad():
+        layer.magnitude.copy_(torch.tensor(G_VALUES, dtype=torch.float64) * layer.weight_norm())
+    assert (layer.magnitude == 0).sum() == 3
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.lora_A, layer.lora_B, layer.magnitude] + ([layer.bias] if bias else [])
+    gy = torch.randn(3, 5, 12, dtype=torch.float64)
+    torch.manual_seed(11)
+    y = layer(x)
+    ref = _formula_by_hand(layer, x, seed=11)
+    torch.testing.assert_close(y, ref)
+    got, want = grads(y, params, gy), grads(ref, params, gy)
+    assert (want[3][layer.magnitude == 0].abs() > 1e-3).all()  # the reference's gradient there is not 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bias_free_layer_keeps_its_output_only_while_no_magnitude_is_small():
+    # A bias-free layer returns and keeps u = g v (no extra memory; an in-place op on it is caught by autograd)
+    # while every |g| >= 1/16, re-checked when the magnitude changes: with a zero magnitude it keeps v instead.
+    layer = make_layer(16, 12, 4, bias=False)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    gy = torch.randn(4, 12, dtype=torch.float64)
+    params = [layer.lora_A, layer.lora_B, layer.magnitude]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        grads(layer(x).mul_(2), params, gy)
+    for row, value in [(3, 0.0), (3, 1e-9), (3, 1.0)]:
+        with torch.no_grad():
+            layer.magnitude[row] = value * layer.weight_norm()[row]  # in place: a new version, seen by the check
+        y, ref = layer(x), _formula_by_hand(layer, x, seed=0)
+        for a, b in zip(grads(y, params, gy), grads(ref, params, gy)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # g back near 1: u kept again
+        grads(layer(x).mul_(2), params, gy)
+
+
+# ----------------------------------------------------------------------------------------------- argument errors
+@pytest.mark.parametrize("alpha", [0, 0.0, -2.0, float("nan"), float("inf")])
+def test_alpha_must_be_a_positive_number(alpha):
+    # at alpha 0 the adapter's update s B A is 0 whatever A and B are: neither gets a gradient, it never learns
+    with pytest.raises(ValueError, match=rf"alpha must be a finite number > 0, got {alpha!r}"):
+        DoRALinear(8, 6, rank=2, alpha=alpha)
+    with pytest.raises(ValueError, match=rf"alpha must be a finite number > 0, got {alpha!r}"):
+        DoRALinear.from_linear(nn.Linear(8, 6), rank=2, alpha=alpha)
+    with pytest.raises(TypeError, match=r"alpha must be a finite number > 0, got '16' \(str\)"):
+        DoRALinear(8, 6, rank=2, alpha="16")
+
+
+@pytest.mark.parametrize("rank", [8.5, 8.0, "8", True, None])
+def test_rank_must_be_an_integer(rank):
+    with pytest.raises(TypeError, match=rf"rank must be an integer, got {re.escape(repr(rank))} "
+                                        rf"\({type(rank).__name__}\)"):
+        DoRALinear(8, 6, rank=rank, alpha=16)
+    with pytest.raises(TypeError, match="rank must be an integer"):
+        DoRALinear.from_linear(nn.Linear(8, 6), rank=rank)
+    assert DoRALinear(8, 6, rank=np.int64(3)).rank == 3  # integers of other kinds are integers
+
+
+@pytest.mark.parametrize("rank", [0, -1])
+def test_rank_must_be_at_least_one(rank):
+    with pytest.raises(ValueError, match=rf"rank must be >= 1, got {rank}"):
+        DoRALinear(8, 6, rank=rank)
+
+
+def test_a_forward_on_the_meta_device_is_refused_clearly():
+    # Before: "unknown device type for autocast" (meta input) or "Tensor on device meta is not on the expected
+    # device cpu" (meta layer, real input).
+    meta = DoRALinear(8, 6, rank=2, device="meta")
+    for layer, x, which in [(meta, torch.randn(3, 8, device="meta"), "x and weight"),
+                            (meta, torch.randn(3, 8), "weight"),
+                            (DoRALinear(8, 6, rank=2), torch.randn(3, 8, device="meta"), "x")]:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), pytest.raises(
+                    ValueError, match=rf"DoRALinear\(8 -> 6\): {which} on the meta device"):
+                layer(x)
+    meta.to_empty(device="cpu").reset_parameters()  # materialised: it runs
+    assert meta(torch.randn(3, 8)).shape == (3, 6)
+
+
+def test_a_layer_made_under_inference_mode_is_refused_at_construction():
+    # Its parameters would be inference tensors: never trainable (and before, any forward failed with "Inference
+    # tensors do not track version counter").
+    linear = nn.Linear(8, 6)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"DoRALinear\(8 -> 6\) created under torch.inference_mode\(\)"):
+            DoRALinear(8, 6, rank=2)
+        with pytest.raises(RuntimeError, match=r"created under torch.inference_mode\(\)"):
+            DoRALinear.from_linear(linear, rank=2)
+        frozen = nn.Linear(8, 6)
+    with pytest.raises(RuntimeError, match=r"the Linear's weight is an inference tensor"):
+        DoRALinear.from_linear(frozen, rank=2)
+    layer = DoRALinear.from_linear(linear, rank=2)  # outside inference mode: trains, and runs under it
+    layer(torch.randn(3, 8)).sum().backward()
+    with torch.inference_mode():
+        layer(torch.randn(3, 8))
+
+
+def test_from_linear_refuses_a_dora_layer_and_other_modules():
+    layer = DoRALinear(8, 6, rank=2)
+    with pytest.raises(TypeError, match=r"from_linear takes an nn.Linear, got a DoRALinear: .*already adapted"):
+        DoRALinear.from_linear(layer, rank=4)
+    with pytest.raises(TypeError, match=r"from_linear takes an nn.Linear, got a Conv1d"):
+        DoRALinear.from_linear(nn.Conv1d(8, 6, 1))

@@ -1,6 +1,7 @@
 """PEFT interop on models whose module names share suffixes: what export_peft writes selects exactly our
 modules, PEFT reads it the same, and import_peft reads PEFT's settings (rsLoRA, dropout, base_layer keys)."""
 import json
+import re
 
 import pytest
 import torch
@@ -190,3 +191,53 @@ def test_imported_layers_take_the_mode_of_the_model(tmp_path):
     x = torch.randn(4, 12)
     with torch.no_grad():
         torch.testing.assert_close(back(x), back(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("part", ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"])
+def test_import_refuses_a_module_lacking_one_of_its_tensors_and_leaves_the_model_alone(tmp_path, part):
+    from safetensors.torch import load_file, save_file
+    from dora import AdapterError
+    export_peft(adapted(), tmp_path / "peft")
+    file = str(tmp_path / "peft" / "adapter_model.safetensors")
+    tensors = load_file(file)
+    del tensors[f"base_model.model.1.0.{part}"]
+    save_file(tensors, file)
+    model = base()
+    with pytest.raises(AdapterError, match=r"modules \['1.0'\] lack one of lora_A, lora_B, lora_magnitude_vector"):
+        import_peft(model, tmp_path / "peft")
+    assert not dora_modules(model)  # refused before adapting anything
+
+
+class RegexNames(nn.Module):
+    """Module names that are regular expressions of other names: "layers.1.q" (adapted) matches "layers_1_q" (not
+    adapted) as a pattern; "q[0]" and "k+v" (adapted) match neither themselves nor each other."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.layers = nn.ModuleDict({"1": nn.ModuleDict({"q": nn.Linear(d, d)})})
+        self.layers_1_q = nn.Linear(d, d)
+        self.add_module("q[0]", nn.Linear(d, d))
+        self.add_module("k+v", nn.Linear(d, d))
+
+    def forward(self, x):
+        h = torch.tanh(self.layers["1"]["q"](x))
+        h = torch.tanh(getattr(self, "q[0]")(h)) + getattr(self, "k+v")(h)
+        return self.layers_1_q(h)
+
+
+def test_export_names_modules_whose_names_are_regex_metacharacters_exactly(tmp_path):
+    from peft import PeftModel
+    torch.manual_seed(0)
+    ours = RegexNames()
+    apply_dora(ours, [{"match": r"layers\.1\.q|q\[0\]|k\+v", "rank": 2, "alpha": 4}], verbose=False)
+    perturb_adapter(ours)
+    export_peft(ours, tmp_path / "peft")
+    pattern = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+    names = [n for n, _ in RegexNames().named_modules() if n]
+    assert [n for n in names if re.fullmatch(pattern, n)] == ["layers.1.q", "q[0]", "k+v"]
+    torch.manual_seed(0)
+    peft_model = PeftModel.from_pretrained(RegexNames(), tmp_path / "peft").eval()
+    assert sorted(peft_lora_layers(peft_model)) == sorted(dora_modules(ours))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), ours.eval()(x), rtol=1e-5, atol=1e-5)

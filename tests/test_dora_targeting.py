@@ -1,6 +1,7 @@
 """Targeting rules, merge/unmerge, adapters in our format and in PEFT's."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -84,6 +85,11 @@ def test_first_matching_rule_wins():
     ([{"match": r"layers", "rank": 2}], [], r"matches 'layers', a ModuleList"),
     ([{"match": r"head", "rnak": 2}], [], r"unknown keys 'rnak' \(did you mean 'rank'\?\)"),
     ([{"match": r"head", "rank": 0}], [], r"rank must be >= 1"),
+    ([{"match": r"head", "rank": 8.5}], [], r"rule 'head': rank must be an integer, got 8.5 \(float\)"),
+    ([{"match": r"head", "rank": "8"}], [], r"rule 'head': rank must be an integer, got '8' \(str\)"),
+    ([{"match": r"head", "rank": True}], [], r"rule 'head': rank must be an integer, got True \(bool\)"),
+    ([{"match": r"head", "alpha": 0}], [], r"rule 'head': alpha must be a finite number > 0, got 0: .*never get a"),
+    ([{"match": r"head", "alpha": float("nan")}], [], r"rule 'head': alpha must be a finite number > 0, got nan"),
     ([{"match": r"head(", "rank": 2}], [], r"invalid regular expression"),
     ([{"match": r"head", "rank": 2}], [r"no\.such\.param"], r"train_fully pattern 'no\\\\.such\\\\.param' matched no"),
     ([{"match": r"head", "rank": 2}], [r"head\.weight"], r"frozen base weight"),
@@ -343,3 +349,38 @@ def test_unloaded_layers_are_plain_trainable_linears_in_the_models_mode():
     assert all(p.requires_grad for m in linears for p in m.parameters())
     with torch.no_grad():
         torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ PEFT models
+@pytest.mark.parametrize("match,module,owner", [
+    (r".*\.layers\.0\.q_proj", "base_model.model.layers.0.q_proj", None),  # PEFT's layer itself
+    (r".*q_proj\.base_layer", "base_model.model.layers.0.q_proj.base_layer", "base_model.model.layers.0.q_proj"),
+    (r".*q_proj\.lora_A\.default", "base_model.model.layers.0.q_proj.lora_A.default",
+     "base_model.model.layers.0.q_proj"),
+    (r".*_proj(\.base_layer)?", "base_model.model.layers.0.q_proj", None),
+])
+def test_apply_dora_refuses_the_layers_of_a_peft_adapter(match, module, owner):
+    # DoRA on a get_peft_model() model used to stack a second adapter on PEFT's (a rule for base_layer or lora_A
+    # was taken as any nn.Linear), or to call PEFT's own layer "a Linear" that rules cannot select.
+    from peft import LoraConfig, get_peft_model
+    peft_model = get_peft_model(TinyNet(), LoraConfig(r=2, target_modules=["q_proj"]))
+    where = "a PEFT adapter layer \\(Linear\\)" if owner is None else rf"part of PEFT's adapter layer {owner!r}"
+    with pytest.raises(TargetingError, match=rf"rule 0 \(match={re.escape(repr(match))}\) matches {module!r}, "
+                                             rf"{where}: .*stack"):
+        apply_dora(peft_model, [{"match": match, "rank": 2}], verbose=False)
+    assert not dora_modules(peft_model)
+    # the same model unwrapped (merge_and_unload) is an ordinary model again
+    apply_dora(peft_model.merge_and_unload(), [{"match": r".*_proj", "rank": 2}], verbose=False)
+
+
+def test_unload_removes_the_spec_so_nothing_saves_a_stale_adapter(tmp_path):
+    # The spec left on an unloaded model would let save_adapter write its train_fully parameters under rules
+    # whose modules are gone: an adapter that loads into fresh, untrained DoRA layers.
+    model = adapted()
+    unload_dora(model)
+    assert not hasattr(model, "dora_spec")
+    with pytest.raises(TargetingError, match="has no DoRA spec"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    apply_dora(model, RULES, TRAIN_FULLY, verbose=False)  # it can be adapted afresh
+    assert len(dora_modules(model)) == 8
