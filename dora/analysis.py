@@ -180,17 +180,33 @@ class TensorFile:
 
 
 def resolve_key(name: str, keys, source) -> str:
-    """The key for `name` in `keys`: the same name, or the one key that ends with it (or that it ends with) at a
-    dot. Checkpoints of the same model often differ by a prefix (`model.`, `backbone.`, PEFT's wrapper)."""
+    """The key for `name` in `keys`. One rule for every recipe: the same name, else the key sharing the longest
+    run of trailing components with it (at least 3, e.g. `self_attn.q_proj.weight`), ties broken by how many of
+    the other components the two share. A model and its checkpoints name one weight with other wrappers
+    (`model.language_model.layers.0...` in a LLaVA model; `model.layers.0...` in its LLM's checkpoint;
+    `language_model.model.layers.0...` in an older LLaVA checkpoint; `backbone.model.encoder...` for VL-BART's
+    BART), and the wrapper names say which tower a weight belongs to (the LLM's layers.0, not CLIP's)."""
     keys = keys if isinstance(keys, (set, dict)) else set(keys)
     if name in keys:
         return name
-    hits = [k for k in keys if k.endswith("." + name) or name.endswith("." + k)]
-    if len(hits) == 1:
-        return hits[0]
-    if not hits:
-        raise AnalysisError(f"{source}: no tensor named {name!r} (or with a prefix added or removed)")
-    raise AnalysisError(f"{source}: {name!r} is ambiguous: {sorted(hits)[:5]}")
+    parts = name.split(".")
+    need = min(3, len(parts))
+
+    def closeness(key: str) -> tuple[int, int]:
+        other = key.split(".")
+        n = 0
+        while n < min(len(parts), len(other)) and parts[-1 - n] == other[-1 - n]:
+            n += 1
+        return n, len(set(parts[: len(parts) - n]) & set(other[: len(other) - n]))
+
+    scored = sorted(((closeness(k), k) for k in keys), reverse=True)
+    best = [k for c, k in scored if c == scored[0][0]] if scored else []
+    if not scored or scored[0][0][0] < need:
+        raise AnalysisError(f"{source}: no tensor named {name!r} (nor one ending with "
+                            f"{'.'.join(parts[-need:])!r} under other wrapper names)")
+    if len(best) > 1:
+        raise AnalysisError(f"{source}: {name!r} could be any of {sorted(best)[:5]}")
+    return best[0]
 
 
 def _direction_delta(direction: torch.Tensor, magnitude: torch.Tensor, base: torch.Tensor) -> DecompositionDelta:
@@ -231,20 +247,30 @@ class Checkpoint:
         if self.kind == "dora-adapter":
             prefix = f"{name}."
             m = self.tensors.get(prefix + "magnitude")
+            _check_shape(self.path, name, m.numel(), None, base, base_key, w0)
             v = w0.double()
             if not s.get("magnitude_only"):
-                v = v + _lora_update(self.tensors.get(prefix + "lora_A"), self.tensors.get(prefix + "lora_B"),
-                                     s["scaling"])
+                A, B = self.tensors.get(prefix + "lora_A"), self.tensors.get(prefix + "lora_B")
+                _check_shape(self.path, name, B.shape[0], A.shape[1], base, base_key, w0)
+                v = v + _lora_update(A, B, s["scaling"])
             return _direction_delta(v, m, w0)
         prefix = f"{PEFT_PREFIX}{name}."
-        v = w0.double() + _lora_update(self.tensors.get(prefix + "lora_A.weight"),
-                                       self.tensors.get(prefix + "lora_B.weight"), s["scaling"])
+        A, B = self.tensors.get(prefix + "lora_A.weight"), self.tensors.get(prefix + "lora_B.weight")
+        _check_shape(self.path, name, B.shape[0], A.shape[1], base, base_key, w0)
+        v = w0.double() + _lora_update(A, B, s["scaling"])
         if s["use_dora"]:
             key = prefix + "lora_magnitude_vector"
             if key not in self.tensors:
                 key += ".weight"
             return _direction_delta(v, self.tensors.get(key), w0)
         return decomposition_delta(v, w0)
+
+
+def _check_shape(path, name: str, out: int, inp: Optional[int], base, base_key: str, w0: torch.Tensor) -> None:
+    """The base weight a module's name resolved to has the adapter's shape (else the names were matched wrongly)."""
+    if out != w0.shape[0] or (inp is not None and inp != w0.shape[1]):
+        raise AnalysisError(f"{path}: {name} adapts a ({out}, {inp if inp is not None else '?'}) weight, but the "
+                            f"base's {base_key} (in {base.path}) is {tuple(w0.shape)}")
 
 
 def _step_from_path(path: Path) -> Optional[int]:

@@ -64,3 +64,21 @@ def fresh_copy(layer):
     for name, p in layer.named_parameters():
         setattr(fresh, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
     return fresh.train(layer.training)
+
+
+def assert_analysis_reads_the_run(base, run, model) -> None:
+    """`dora.analysis` on a recipe run's adapters (ours and the PEFT export) against the base the recipe started
+    from gives, per module, the deltas of `model`'s own DoRA layers (the run's adapter loaded, unmerged), which
+    know their W0: the names were mapped to the right base weights (the LLM's layers.0, not the vision tower's)."""
+    import math
+
+    from dora.analysis import analyse, model_decomposition_deltas
+
+    expected = model_decomposition_deltas(model)
+    for checkpoint in ("adapter", "adapter_peft"):
+        rows = analyse(base, [run / checkpoint])
+        assert rows and {r.module for r in rows} <= set(expected), (checkpoint, [r.module for r in rows][:3])
+        for r in rows:
+            want = expected[r.module]
+            assert math.isclose(r.delta_m, want.magnitude, rel_tol=1e-5, abs_tol=1e-9), (checkpoint, r)
+            assert math.isclose(r.delta_d, want.direction, rel_tol=1e-4, abs_tol=1e-12), (checkpoint, r)

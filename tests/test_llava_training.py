@@ -200,3 +200,21 @@ def test_a_config_error_after_the_process_group_exists_exits_cleanly(llava_asset
     proc = run_train(records_config(llava_assets, tmp_path / "odd", json.loads(llava_assets["train"].read_text()),
                                     global_batch_size=3, micro_batch_size=2))
     assert proc.returncode == 2 and "not a multiple of micro_batch_size 2" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_analysis_reads_the_runs_adapters_against_the_llm_and_the_llava_base(llava_assets, single, tmp_path):
+    """The LLaVA run's adapter names (model.language_model.layers...) against the LLM checkpoint it started from
+    (model.layers...) and against the full base LLaVA checkpoint (language_model.model.layers..., beside the CLIP
+    tower's own layers.0.self_attn.q_proj)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from dora import load_adapter
+    from dora_helpers import assert_analysis_reads_the_run
+    from recipes.llava.merge import merge_run
+
+    out, _ = single
+    base = merge_run(out, tmp_path / "base", with_adapter=False)
+    model = LlavaForConditionalGeneration.from_pretrained(base)
+    load_adapter(model, out / "adapter")
+    for start in (llava_assets["llm"], base):
+        assert_analysis_reads_the_run(start, out, model)

@@ -525,3 +525,16 @@ def test_evaluate_offers_allow_partial_when_examples_have_no_features(single_run
     assert scored.returncode == 0, subprocesses.output(scored)
     coverage = json.loads((run / "eval" / "scores.json").read_text())["details"]["nlvr"]["coverage"]
     assert coverage["expected"] - coverage["predicted"] >= 1
+
+
+def test_analysis_reads_the_runs_adapters_against_the_bart_it_started_from(assets, single_run):
+    """Module names backbone.model.encoder.layers... against BART's own model.encoder.layers... (with the decoder's
+    layers.0.self_attn.q_proj beside them)."""
+    from dora import load_adapter
+    from dora_helpers import assert_analysis_reads_the_run
+    from recipes.vlbart.evaluate import load_run
+
+    out, _ = single_run
+    model = load_run(out, with_adapter=False, device="cpu")[0]
+    load_adapter(model, out / "adapter")
+    assert_analysis_reads_the_run(assets["bart"], out, model)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from dora_helpers import assert_analysis_reads_the_run
 from eval.cli import main as eval_main
 from vlm_families import FAMILIES, build_family
 import subprocesses
@@ -112,6 +113,7 @@ def test_a_family_trains_from_the_inspector_config_and_answers(family, chat_data
         tokens = [m.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, -4:].tolist()
                   for m in (ours, merged_model)]
     assert tokens[0] == tokens[1]
+    assert_analysis_reads_the_run(model_dir, tmp_path / "one", ours)  # the family's checkpoint names
     peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir),
                                      tmp_path / "one" / "adapter_peft").eval()
     torch.testing.assert_close(logits(peft, processor, chat_data), reference, rtol=1e-4, atol=1e-4)
