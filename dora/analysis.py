@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -475,10 +476,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = analyse(args.base, [_parse_checkpoint_arg(c) for c in args.checkpoints], args.modules)
-    except AdapterError as e:
-        raise SystemExit(f"error: {e}")
-    except AnalysisError as e:
-        raise SystemExit(f"error: {e}")
+    except (AdapterError, AnalysisError) as e:  # the project's one style: one line, exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     write_csv(rows, out / "decomposition.csv")
     plot(rows, out / "decomposition.png", args.title)

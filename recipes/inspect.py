@@ -29,6 +29,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from recipes.config import ConfigError
+from recipes.preflight import check_model
+
 # Part of a module, from its qualified name: first match wins (a connector can sit inside the vision tower, as
 # Qwen2-VL's visual.merger does). Names as transformers' families spell them.
 PARTS = (
@@ -253,7 +256,9 @@ def print_inspection(result: dict, out=None) -> None:
     w("\nproposed (LLaVA-style: DoRA on the language model's attention and MLP, connector trained, tower frozen):\n\n")
     w(result["yaml"])
     report = result["report"]
-    w(f"\ntrainable: {report.trainable:,} of {report.total:,} parameters ({report.share:.3%})\n")
+    w(f"\nwith this dora: section: {report.trainable:,} trainable of {report.total:,} parameters "
+      f"({report.share:.3%}; the total includes the {report.total - result['total']:,} adapter parameters the "
+      f"section adds to the model's {result['total']:,})\n")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -267,8 +272,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the patterns and proposal as JSON")
     args = parser.parse_args(argv)
     try:
+        check_model("model", args.model)
         result = inspect_model(args.model, args.rank, args.alpha, args.dropout)
-    except (InspectError, OSError) as e:
+    except (InspectError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

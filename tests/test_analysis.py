@@ -181,13 +181,13 @@ def test_cli_writes_csv_png_and_summary(tmp_path, capsys):
     assert "DoRA: slope" in printed and "correlation" in printed
 
 
-def test_cli_names_the_file_it_cannot_read(tmp_path):
+def test_cli_names_the_file_it_cannot_read(tmp_path, capsys):
     base, _ = _trained_dora()
     _save_weights(base, tmp_path / "base.safetensors")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="empty: no model.safetensors"):
-        analysis.main(["--base", str(tmp_path / "base.safetensors"), "--checkpoints", str(tmp_path / "empty"),
-                       "--out", str(tmp_path / "out")])
+    assert analysis.main(["--base", str(tmp_path / "base.safetensors"), "--checkpoints", str(tmp_path / "empty"),
+                          "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty'}: no model.safetensors")
 
 
 def test_streams_one_layer_at_a_time(tmp_path, monkeypatch):

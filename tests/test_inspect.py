@@ -96,7 +96,7 @@ def test_cli_writes_the_section_and_refuses_a_model_that_is_not_a_vlm(tmp_path, 
     family_config("idefics3").save_pretrained(tmp_path / "idefics3")
     assert main([str(tmp_path / "idefics3"), "--rank", "16", "--alpha", "32", "--out", str(tmp_path / "d.yaml")]) == 0
     printed = capsys.readouterr().out
-    assert "model\\.text_model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj" in printed and "trainable:" in printed
+    assert "model\\.text_model\\.layers\\.\\d+\\.self_attn\\.(q|k|v|o)_proj" in printed and "trainable of" in printed and "adapter parameters the section adds" in printed
     assert yaml.safe_load((tmp_path / "d.yaml").read_text())["dora"]["rules"][0]["rank"] == 16
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
         tmp_path / "bert")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dora import load_adapter, unload_dora
-from recipes.config import load_config, section
+from recipes.config import ConfigError, load_config, section
 from recipes.llava.model import LlavaModelConfig, build_llava
 
 
@@ -49,7 +49,8 @@ def merge_run(run_dir: Path, out: Path, with_adapter: bool = True, dtype: str | 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m recipes.llava.merge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a training run's output_dir (config.yaml, adapter/)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-adapter", action="store_true", help="save the base model without the adapter")
@@ -61,4 +62,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dora import AdapterError
+    from recipes.cli import exit_on_user_errors
+    from recipes.llava.model import ModelConfigError
+    exit_on_user_errors(main, (ConfigError, AdapterError, ModelConfigError))

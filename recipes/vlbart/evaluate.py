@@ -128,7 +128,8 @@ def write_submissions(run: Path, out: Path, batch_size: int = 64) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m recipes.vlbart.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, help="default: RUN/eval (RUN/eval_base with --no-adapter)")
     parser.add_argument("--tasks", help="comma-separated task names (default: every task with a test file)")

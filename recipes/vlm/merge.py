@@ -43,4 +43,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dora import AdapterError
+    from recipes.cli import exit_on_user_errors
+    from recipes.config import ConfigError
+    exit_on_user_errors(main, (ConfigError, AdapterError))
