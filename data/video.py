@@ -12,14 +12,22 @@ instead. Both write one (T, D) entry per video id to a FeatureStore (data/featur
     python -m data.video import-value --features-dir vis_features/tv/clip-vit --out features/tv_value
     store = FeatureStore("features/tv_vit"); resize_frames(store.get("s03e02_seg02_clip_10").float(), 64)
 
-Frame sampling (`sample_frame_indices`), in frame-index space with frame i shown from i / fps (constant frame rate
-assumed, first frame at 0 s):
-- n frames: the window's frames are cut into n equal segments and the middle frame of each is taken. A window
-  holding n frames or fewer gives each of its frames once (fewer than n come back; the recipe zero-pads to 64).
-- sample_fps: one frame at the middle of each 1/sample_fps segment of the window, i.e. at start + (k + 0.5) /
-  sample_fps (0.75 s, 2.25 s, ... for VALUE's 2/3 fps), for every segment whose middle lies inside the window
-  (round(duration * sample_fps) frames); at least `min_frames` (then taken as n uniform frames). The frame at or
-  before each time is used, and a rate above the video's own gives each frame once.
+Frame sampling (`sample_frame_times`), by the frames' presentation times in seconds from the first frame
+(ffmpeg's command line, which made VALUE's features, shifts a file's start to 0 the same way); `read_frames` still
+takes frame i at i / fps (constant frame rate):
+- sample_fps (VALUE: 2/3): ffmpeg's `fps` filter (`fps=2/3`, default round=near). A frame at time t lands on
+  output tick round(t * fps), halves rounded up; tick k (k = 0, 1, ...) takes the last frame whose tick is <= k,
+  i.e. the frame shown at (k + 0.5) / fps (0.75 s, 2.25 s, ... for 2/3 fps), a frame starting exactly there
+  belonging to the next tick; the end of the last frame, rounded the same way, is the first tick not taken
+  (round(duration * fps) frames). A frame shown across several ticks is taken once for each (a rate above the
+  video's own, or a long-held frame of a variable-rate video), as ffmpeg repeats it, so row k is always time
+  k / fps. Fewer than `min_frames` ticks: `min_frames` uniform frames instead.
+- n frames: the frame shown at the middle of each of n equal time segments of the clip (a frame shown across
+  two middles is taken twice). A window holding n frames or fewer gives each of its frames once (fewer than n
+  come back; the recipe zero-pads to 64).
+- a window [start, end] (seconds): only frames whose timestamp falls inside it, start <= t < end (as ffmpeg's
+  `trim`); the n segments cover the time those frames are shown, and sample_fps counts its ticks from the
+  window's start to its end. A window in which no frame starts gives the frame on screen at its start.
 
 Decoding runs in DataLoader worker processes (`VideoLoader`); each worker opens its own decord reader per video
 (nothing of decord is pickled). A missing, empty, corrupt or non-video file is reported by id with its reason
@@ -84,19 +92,33 @@ class ValueFeatureError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------- sampling
 
-def sample_frame_indices(n_video_frames: int, video_fps: float, *, n: Optional[int] = None,
-                         start: Optional[float] = None, end: Optional[float] = None,
-                         sample_fps: Optional[float] = None, min_frames: int = 1) -> list[int]:
-    """Sorted, distinct frame indices of a video of `n_video_frames` frames at `video_fps`: `n` frames uniformly
-    over the clip or over the window [start, end] (seconds), or one frame per 1/sample_fps seconds. Exactly one
-    of n / sample_fps. See the module docstring for where the frames fall."""
+def _slack(x):
+    """How close two times (or tick counts) must be to count as equal. decord reports timestamps as float32
+    (7 significant digits), so a frame that starts exactly on a sampled time, or exactly on a half tick (a tie
+    that ffmpeg rounds up), must be recognised within that precision; real near-misses are far larger on
+    ordinary time bases."""
+    return 1e-9 + np.abs(x) * 2.5e-7
+
+
+def sample_frame_times(frame_times: Sequence[float], video_end: float, *, n: Optional[int] = None,
+                       start: Optional[float] = None, end: Optional[float] = None,
+                       sample_fps: Optional[float] = None, min_frames: int = 1) -> list[int]:
+    """Frame indices (presentation order, non-decreasing) picked by the rules of the module docstring, from the
+    frames' presentation times `frame_times` (seconds, sorted; the first frame's time is the video's 0 s) and
+    `video_end`, the time the last frame stops being shown. `n` frames over the clip or over the window
+    [start, end] (seconds from the first frame), or `sample_fps` frames per second. Exactly one of n /
+    sample_fps."""
     if (n is None) == (sample_fps is None):
         raise ValueError("give exactly one of n (frames over the clip) and sample_fps (frames per second)")
-    if n_video_frames < 1:
-        raise ValueError(f"the video has {n_video_frames} frames")
-    if not (video_fps > 0 and math.isfinite(video_fps)):
-        raise ValueError(f"the video's frame rate is {video_fps!r}")
-    duration = n_video_frames / video_fps
+    t = np.asarray(frame_times, dtype=np.float64).reshape(-1)
+    if t.size < 1:
+        raise ValueError("the video has 0 frames")
+    if not np.isfinite(t).all() or (np.diff(t) < 0).any():
+        raise ValueError("frame times must be finite and in presentation order")
+    t = t - t[0]  # the first frame is 0 s, as ffmpeg's command line shifts a file's start to 0
+    duration = float(video_end) - float(frame_times[0])
+    if not (math.isfinite(duration) and duration > t[-1]):
+        raise ValueError(f"the video ends at {duration!r} s, not after its last frame ({t[-1]:.3f} s)")
     s = 0.0 if start is None else float(start)
     e = duration if end is None else float(end)
     if e < s:
@@ -104,23 +126,49 @@ def sample_frame_indices(n_video_frames: int, video_fps: float, *, n: Optional[i
     if s >= duration:
         raise ValueError(f"window starts at {s:g} s, at or after the end of the video ({duration:.3f} s)")
     s, e = max(s, 0.0), min(e, duration)
-    first = min(int(math.floor(s * video_fps + 1e-6)), n_video_frames - 1)
-    last = max(first, min(int(math.ceil(e * video_fps - 1e-6)) - 1, n_video_frames - 1))  # frames starting before e
-    count = last - first + 1
+    # the window's frames: those whose presentation time falls in [s, e)
+    first = int(np.searchsorted(t, s - _slack(s), side="left"))
+    stop = int(np.searchsorted(t, e - _slack(e), side="left"))
+    if stop <= first:  # no frame starts inside the window: the one on screen at its start
+        first = max(int(np.searchsorted(t, s + _slack(s), side="right")) - 1, 0)
+        stop = first + 1
+    inside = t[first:stop]
     if sample_fps is not None:
         if not (sample_fps > 0 and math.isfinite(sample_fps)):
             raise ValueError(f"sample_fps must be positive, got {sample_fps!r}")
-        m = int(math.floor((e - s) * sample_fps + 0.5))  # segments whose middle lies inside the window
-        if m >= max(min_frames, 1):
-            times = [s + (k + 0.5) / sample_fps for k in range(m)]
-            picked = (min(last, max(first, int(math.floor(t * video_fps + 1e-6)))) for t in times)
-            return sorted(set(picked))  # a rate above the video's own: each frame once
+        # ffmpeg's fps filter: a frame's time becomes a tick of the output rate rounded to the nearest, halves
+        # up (round=near); output tick k shows the last frame whose tick is <= k (the first frame before any);
+        # the stream's end, rounded the same way, is the first tick not output
+        slots = (e - s) * sample_fps
+        slots = int(math.floor(slots + 0.5 + _slack(slots)))
+        if slots >= max(min_frames, 1):
+            x = (inside - s) * sample_fps
+            ticks = np.floor(x + 0.5 + _slack(x))
+            shown = np.searchsorted(ticks, np.arange(slots), side="right") - 1
+            return (first + np.maximum(shown, 0)).tolist()
         n = max(min_frames, 1)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    if count <= n:
-        return list(range(first, last + 1))
-    return [first + ((2 * k + 1) * count) // (2 * n) for k in range(n)]  # middle of segment k, exact integers
+    if stop - first <= n:
+        return list(range(first, stop))
+    # the frame shown at the middle of each of n equal segments of the time the window's frames are shown
+    lo, hi = inside[0], (t[stop] if stop < len(t) else duration)
+    middles = lo + (np.arange(n) + 0.5) * ((hi - lo) / n)
+    shown = np.searchsorted(inside, middles + _slack(middles), side="right") - 1
+    return (first + np.maximum(shown, 0)).tolist()
+
+
+def sample_frame_indices(n_video_frames: int, video_fps: float, *, n: Optional[int] = None,
+                         start: Optional[float] = None, end: Optional[float] = None,
+                         sample_fps: Optional[float] = None, min_frames: int = 1) -> list[int]:
+    """`sample_frame_times` for a constant-rate video of `n_video_frames` frames at `video_fps` (frame i shown
+    from i / video_fps)."""
+    if n_video_frames < 1:
+        raise ValueError(f"the video has {n_video_frames} frames")
+    if not (video_fps > 0 and math.isfinite(video_fps)):
+        raise ValueError(f"the video's frame rate is {video_fps!r}")
+    return sample_frame_times(np.arange(n_video_frames) / video_fps, n_video_frames / video_fps, n=n, start=start,
+                              end=end, sample_fps=sample_fps, min_frames=min_frames)
 
 
 # ---------------------------------------------------------------------------------------------------------- decoding

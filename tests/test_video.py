@@ -96,8 +96,8 @@ def test_window_sampling_stays_inside_the_window():
         e = float(rng.uniform(s, duration * 1.2))
         n = int(rng.integers(1, 40))
         got = sample_frame_indices(total, fps, n=n, start=s, end=e)
-        inside = [i for i in range(total) if i / fps < min(e, duration) and (i + 1) / fps > s] or \
-            [min(int(s * fps), total - 1)]
+        # frames whose time falls inside the window (as ffmpeg's trim); none: the frame on screen at its start
+        inside = [i for i in range(total) if s <= i / fps < min(e, duration)] or [min(int(s * fps), total - 1)]
         assert got == sorted(set(got)) and set(got) <= set(inside)
         assert len(got) == min(n, len(inside))
 
@@ -110,6 +110,8 @@ def test_fixed_rate_sampling_as_value_one_frame_every_1_5_s():
     # a last partial segment counts when its middle is inside: 61 s -> 41 frames, 60.7 s -> 40
     assert len(sample_frame_indices(1830, 30.0, sample_fps=2 / 3)) == 41
     assert len(sample_frame_indices(1821, 30.0, sample_fps=2 / 3)) == 40
+    # a frame starting exactly on a tick's half (0.75 s at 24 fps) belongs to the next tick: ffmpeg rounds halves up
+    assert sample_frame_indices(240, 24.0, sample_fps=2 / 3)[:3] == [17, 53, 89]
     # inside a window, times count from its start
     assert sample_frame_indices(1800, 30.0, sample_fps=2 / 3, start=10.0, end=13.0) == [322, 367]
 
@@ -119,7 +121,8 @@ def test_short_clips_and_bad_arguments():
     assert sample_frame_indices(15, 30.0, sample_fps=2 / 3) == [7]  # 0.5 s: too short for one segment
     assert sample_frame_indices(30, 30.0, sample_fps=2 / 3, min_frames=2) == [7, 22]
     assert sample_frame_indices(3, 30.0, n=8) == [0, 1, 2]  # fewer frames than asked: each once
-    assert sample_frame_indices(10, 5.0, sample_fps=20.0) == list(range(10))  # faster than the video
+    # faster than the video: ffmpeg's fps filter repeats each frame for every tick it is shown (4 here)
+    assert sample_frame_indices(10, 5.0, sample_fps=20.0) == [i for i in range(10) for _ in range(4)]
     with pytest.raises(ValueError, match="exactly one"):
         sample_frame_indices(10, 5.0, n=2, sample_fps=1.0)
     with pytest.raises(ValueError, match="exactly one"):
