@@ -43,7 +43,7 @@ come from its packet index (no frame is decoded to sample). Rules for users' own
 - damaged files: PyAV decodes what it can; a sampled frame that does not decode shows the nearest decoded frame
   in time instead (any decoded frame, sampled or not; the earlier one on a tie). A file whose data stops before
   the length its header declares (an interrupted download; decord reads such a Matroska/WebM file as a shorter
-  video, so the decord path checks the header) keeps its declared length, the lost frames placed at its average
+  video, so the decord path checks their header) keeps its declared length, the lost frames placed at its average
   frame spacing and counting as not decoded. Filled frames are counted per video (report, log, the entry's
   note); a video of which fewer than `min_decodable` (default 0.5, `--min-decodable`) of the sampled frames
   decode is skipped, with a reason that gives the share.
@@ -483,9 +483,16 @@ def _with_cut_frames(timeline: list[int], last_end: Optional[int], container, st
     return timeline + [p for p in missing if p > timeline[-1]], int(round(declared_end))
 
 
+MATROSKA_MAGIC = b"\x1a\x45\xdf\xa3"  # EBML: Matroska and WebM
+
+
 def _cut_short(path: str, video_end: float, frame_step: float) -> Optional[str]:
     """Why the file looks cut short (its data stops well before the end its header declares), or None. decord
-    reads such a Matroska/WebM file as a shorter video without complaint; this reads only the header."""
+    reads a cut Matroska/WebM file as a shorter video without complaint (a cut MP4 it refuses to open), so only
+    those are checked; this reads only the header (importing PyAV costs ~40 ms a process: not for every file)."""
+    with open(path, "rb") as f:
+        if f.read(4) != MATROSKA_MAGIC:
+            return None
     import av
     try:
         with av.open(path) as container:
