@@ -478,6 +478,20 @@ def test_a_damaged_video_keeps_the_frames_that_decode_and_fills_the_rest(damaged
     assert kept.filled == 17 and kept.frames.shape == (20, 48, 64, 3)
 
 
+def test_the_loader_counts_and_logs_fallbacks_filled_frames_and_skips(damaged_clips, caplog):
+    items = [("clean", damaged_clips["clean"]), ("damaged", damaged_clips["damaged"]),
+             ("wrecked", damaged_clips["wrecked"])]
+    loader = VideoLoader(VideoFrames(items, n_frames=20), num_workers=0)
+    with caplog.at_level("INFO", logger="data.video"):
+        assert [v.id for v in loader] == ["clean", "damaged"]
+    # the wrecked file went to PyAV too, but it is a skip (a failure), not a video read by the fallback
+    assert set(loader.fallbacks) == {"damaged"} and loader.filled == {"damaged": 1}
+    assert "3 of 20 sampled frames decoded (15%)" in loader.failures["wrecked"]
+    text = caplog.text
+    assert "'damaged'" in text and "read with PyAV" in text and "1 of its 20 sampled frames did not decode" in text
+    assert "video 'wrecked' skipped" in text
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
 def test_a_file_cut_short_keeps_its_length_and_counts_the_lost_frames(damaged_clips, tmp_path, suffix):
     """An interrupted download with its header in front (MP4 with the index first; Matroska): the header declares
