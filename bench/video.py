@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.video import (TINY_VIT_CONFIG, VALUE_SAMPLE_FPS, VideoFrames, VideoLoader,  # noqa: E402
                         extract_video_features, frame_embeddings, load_clip_tower, normalise, open_video,
-                        preprocess_frames, read_frames, sample_frame_indices)
+                        preprocess_frames, read_frames, sample_frame_times)
 
 
 def load_average() -> list[float]:
@@ -82,10 +82,12 @@ def make_clips(folder: Path, n: int, size: tuple[int, int], seconds: float, fps:
 
 
 def clip_indices(clips: dict, sample_fps: float) -> dict[str, list[int]]:
+    """The frames the pipeline samples, from decord's timestamps (as the pipeline does; outside any timing)."""
     out = {}
     for key, path in clips.items():
         vr = open_video(path)
-        out[key] = sample_frame_indices(len(vr), vr.get_avg_fps(), sample_fps=sample_fps)
+        stamps = vr.get_frame_timestamp(range(len(vr)))
+        out[key] = sample_frame_times(stamps[:, 0], float(stamps[-1, 1]), sample_fps=sample_fps)
         del vr
     return out
 

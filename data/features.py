@@ -9,6 +9,9 @@ different per video, so nothing here assumes a fixed `N`. Layout of a store dire
     index-{prefix}.json             {"shards": {shard file: [ids]}}, one per writer prefix
     failures-{prefix}.json          {id: reason} for inputs that could not be read (not in the store)
 
+A shard's safetensors header may also hold "notes": JSON {id: {...}} of facts about some of its entries (e.g. a
+video read by a fallback decoder, or with frames it had to fill in), written with the entries themselves.
+
 Why safetensors shards:
 - reads are memory-mapped: `safe_open` maps a shard once and `get_tensor` returns a view into the mapping, so a
   lookup touches only that entry's pages (no whole-file load, no pickle, no per-entry file as in the reference's
@@ -280,11 +283,21 @@ class FeatureStore:
             out.update(_read_json(path))
         return {k: v for k, v in out.items() if k not in self._id_to_shard}
 
+    def notes(self) -> dict[str, dict]:
+        """{id: note} of the entries written with a note (`FeatureWriter.add(..., note=)`); reads every shard's
+        header."""
+        out: dict[str, dict] = {}
+        for shard in sorted(set(self._id_to_shard.values())):
+            text = (self._handle(shard).metadata() or {}).get("notes")
+            if text:
+                out.update((k, v) for k, v in json.loads(text).items() if self._id_to_shard.get(k) == shard)
+        return out
+
     def summary(self) -> dict:
         return {"store": str(self.root), "ids": len(self), "feature_dim": self.feature_dim,
                 "dtype": None if self.dtype is None else dtype_name(self.dtype),
                 "shards": len(set(self._id_to_shard.values())), "failures": len(self.failures()),
-                "duplicates": self.duplicates, "metadata": self.metadata}
+                "duplicates": self.duplicates, "notes": len(self.notes()), "metadata": self.metadata}
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.root)!r}, ids={len(self)})"
@@ -420,6 +433,7 @@ class FeatureWriter:
         if failures.is_file():
             self._failures = {k: v for k, v in _read_json(failures).items() if k not in self._done}
         self._buffer: dict[str, torch.Tensor] = {}
+        self._notes: dict[str, Any] = {}  # of the buffered entries
         self._buffer_bytes = 0
         self._feature_dim = self.metadata.get("feature_dim")
         self._dtype = dtype_from_name(self.metadata["dtype"]) if "dtype" in self.metadata else None
@@ -453,7 +467,8 @@ class FeatureWriter:
     def failures(self) -> dict[str, str]:
         return dict(self._failures)
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
+    def add(self, key: str, tensor: torch.Tensor, note: Optional[dict] = None) -> None:
+        """Buffer one entry; `note` (JSON-able) is kept with it in its shard (`FeatureStore.notes`)."""
         if self._closed:
             raise StoreError(f"writer of {self.root} is closed")
         if not isinstance(key, str) or not key or key == "__metadata__":
@@ -473,6 +488,8 @@ class FeatureWriter:
         # own memory: safetensors refuses tensors that share storage (rows of one batch tensor do)
         t = tensor.detach().to("cpu", copy=True).contiguous()
         self._buffer[key] = t
+        if note:
+            self._notes[key] = _normalise(note)
         self._buffer_bytes += t.numel() * t.element_size()
         self._done.add(key)
         self._failures.pop(key, None)
@@ -489,11 +506,12 @@ class FeatureWriter:
         name = f"{self.prefix}-{self._next_number:06d}{SHARD_SUFFIX}"
         self._next_number += 1
         entries, self._buffer, self._buffer_bytes = self._buffer, {}, 0
+        notes, self._notes = self._notes, {}
         if self._executor is None:
-            self._write_shard(name, entries)
+            self._write_shard(name, entries, notes)
         else:
             self._wait()  # at most one shard in flight: bounds memory, keeps index updates in order
-            self._pending = self._executor.submit(self._write_shard, name, entries)
+            self._pending = self._executor.submit(self._write_shard, name, entries, notes)
         self._save_failures()
 
     def _wait(self) -> None:
@@ -501,11 +519,14 @@ class FeatureWriter:
             pending, self._pending = self._pending, None
             pending.result()  # re-raises a failed write here
 
-    def _write_shard(self, name: str, entries: dict[str, torch.Tensor]) -> None:
+    def _write_shard(self, name: str, entries: dict[str, torch.Tensor], notes: Optional[dict] = None) -> None:
         from safetensors.torch import save_file
         path = self.root / name
         tmp = self.root / f".{name}.tmp-{os.getpid()}"
-        save_file(entries, str(tmp), metadata={"format": FORMAT, "prefix": self.prefix})
+        header = {"format": FORMAT, "prefix": self.prefix}
+        if notes:
+            header["notes"] = json.dumps(notes)  # in the shard itself: a note exists exactly when its entry does
+        save_file(entries, str(tmp), metadata=header)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # the shard exists complete or not at all

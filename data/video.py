@@ -1,31 +1,56 @@
-"""Video decoding (decord), frame sampling, per-frame CLIP features into a FeatureStore, VALUE feature import, and
+"""Video decoding (decord, PyAV), frame sampling, per-frame CLIP features into a FeatureStore, VALUE feature import, and
 the reference's resize of a video's features to 64 time steps.
 
 How VALUE's released `clip-vit` features were made (HERO_Video_Feature_Extractor, facts 5.4): one frame every
 1.5 s (ffmpeg's fps filter at 2/3 fps), the shorter side scaled to 224 keeping the aspect, a 224 centre crop, /255
 and CLIP's mean/std, OpenAI CLIP ViT-B/32 `encode_image` (512-d, NOT L2-normalised), stored float16 as
 `{vid_name}.npz` with the array "features" of shape (frames, 512). `extract_video_features` does the same with
-decord + open_clip (defaults: ViT-B-32, 2/3 fps, crop, float16); `import_value_features` reads the release files
-instead. Both write one (T, D) entry per video id to a FeatureStore (data/features.py).
+decord (PyAV where decord fails) + open_clip (defaults: ViT-B-32, 2/3 fps, crop, float16);
+`import_value_features` reads the release files instead. Both write one (T, D) entry per video id to a
+FeatureStore (data/features.py).
 
     python -m data.video features --videos-dir videos/tv --out features/tv_vit --model ViT-B-32 --pretrained openai
     python -m data.video import-value --features-dir vis_features/tv/clip-vit --out features/tv_value
     store = FeatureStore("features/tv_vit"); resize_frames(store.get("s03e02_seg02_clip_10").float(), 64)
 
-Frame sampling (`sample_frame_indices`), in frame-index space with frame i shown from i / fps (constant frame rate
-assumed, first frame at 0 s):
-- n frames: the window's frames are cut into n equal segments and the middle frame of each is taken. A window
-  holding n frames or fewer gives each of its frames once (fewer than n come back; the recipe zero-pads to 64).
-- sample_fps: one frame at the middle of each 1/sample_fps segment of the window, i.e. at start + (k + 0.5) /
-  sample_fps (0.75 s, 2.25 s, ... for VALUE's 2/3 fps), for every segment whose middle lies inside the window
-  (round(duration * sample_fps) frames); at least `min_frames` (then taken as n uniform frames). The frame at or
-  before each time is used, and a rate above the video's own gives each frame once.
+Frame sampling (`sample_frame_times`), by presentation timestamps (the decoder's per-frame pts, so variable frame
+rate videos sample right), in seconds from the first frame (ffmpeg's command line, which made VALUE's features,
+shifts a file's start to 0 the same way):
+- sample_fps (VALUE: 2/3): ffmpeg's `fps` filter (`fps=2/3`, default round=near). A frame at time t lands on
+  output tick round(t * fps), halves rounded up; tick k (k = 0, 1, ...) takes the last frame whose tick is <= k,
+  i.e. the frame shown at (k + 0.5) / fps (0.75 s, 2.25 s, ... for 2/3 fps), a frame starting exactly there
+  belonging to the next tick; the end of the last frame, rounded the same way, is the first tick not taken
+  (round(duration * fps) frames). A frame shown across several ticks is taken once for each (a rate above the
+  video's own, or a long-held frame of a variable-rate video), as ffmpeg repeats it, so row k is always time
+  k / fps. Fewer than `min_frames` ticks: `min_frames` uniform frames instead.
+- n frames: the frame shown at the middle of each of n equal time segments of the clip (a frame shown across
+  two middles is taken twice). A window holding n frames or fewer gives each of its frames once (fewer than n
+  come back; the recipe zero-pads to 64).
+- a window [start, end] (seconds): only frames whose timestamp falls inside it, start <= t < end (as ffmpeg's
+  `trim`); the n segments cover the time those frames are shown, and sample_fps counts its ticks from the
+  window's start to its end. A window in which no frame starts gives the frame on screen at its start.
+On a constant-rate video these are the frames `sample_frame_indices(n_frames, fps, ...)` gives.
 
-Decoding runs in DataLoader worker processes (`VideoLoader`); each worker opens its own decord reader per video
-(nothing of decord is pickled). A missing, empty, corrupt or non-video file is reported by id with its reason
-(logged, counted, recorded in the store's failures file) and skipped, or raises with on_error='raise'. A worker
-that crashes inside the decoder (a segfault) or hangs longer than `decode_timeout` is identified by the video it
-was decoding: that video is reported, and decoding resumes with the rest.
+Decoding runs in DataLoader worker processes (`VideoLoader`); each worker opens its own reader per video (nothing
+of a decoder is pickled). decord reads a video with one batched `get_batch` of the sampled frames; the timestamps
+come from its packet index (no frame is decoded to sample). Rules for users' own files:
+- decoder fallback: a file decord cannot open or decode (AV1, which decord 0.6 cannot open at all; damaged frame
+  data; a file cut short, below) is read with PyAV (FFmpeg's decoders, AV1 through libdav1d), with the same
+  timestamps, sampling and frames. The run counts these fallbacks (report, CLI summary), and the entry of each
+  such video in the store carries a note with the decoder and why (`FeatureStore.notes()`).
+- end of stream: decord's bundled FFmpeg gives some MP4s' last frame (edit lists) up to a frame more than
+  current FFmpeg; when that decides the number of sample_fps ticks, the end is read from PyAV's packet index.
+- damaged files: PyAV decodes what it can; a sampled frame that does not decode shows the nearest decoded frame
+  in time instead (any decoded frame, sampled or not; the earlier one on a tie). A file whose data stops before
+  the length its header declares (an interrupted download; decord reads such a Matroska/WebM file as a shorter
+  video, so the decord path checks their header) keeps its declared length, the lost frames placed at its average
+  frame spacing and counting as not decoded. Filled frames are counted per video (report, log, the entry's
+  note); a video of which fewer than `min_decodable` (default 0.5, `--min-decodable`) of the sampled frames
+  decode is skipped, with a reason that gives the share.
+A missing, empty or non-video file is reported by id with its reason (logged, counted, recorded in the store's
+failures file) and skipped, or raises with on_error='raise'. A worker that crashes inside the decoder (a
+segfault) or hangs longer than `decode_timeout` is identified by the video it was decoding: that video is
+reported, and decoding resumes with the rest.
 """
 from __future__ import annotations
 
@@ -84,19 +109,33 @@ class ValueFeatureError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------- sampling
 
-def sample_frame_indices(n_video_frames: int, video_fps: float, *, n: Optional[int] = None,
-                         start: Optional[float] = None, end: Optional[float] = None,
-                         sample_fps: Optional[float] = None, min_frames: int = 1) -> list[int]:
-    """Sorted, distinct frame indices of a video of `n_video_frames` frames at `video_fps`: `n` frames uniformly
-    over the clip or over the window [start, end] (seconds), or one frame per 1/sample_fps seconds. Exactly one
-    of n / sample_fps. See the module docstring for where the frames fall."""
+def _slack(x):
+    """How close two times (or tick counts) must be to count as equal. decord reports timestamps as float32
+    (7 significant digits), so a frame that starts exactly on a sampled time, or exactly on a half tick (a tie
+    that ffmpeg rounds up), must be recognised within that precision; real near-misses are far larger on
+    ordinary time bases."""
+    return 1e-9 + np.abs(x) * 2.5e-7
+
+
+def sample_frame_times(frame_times: Sequence[float], video_end: float, *, n: Optional[int] = None,
+                       start: Optional[float] = None, end: Optional[float] = None,
+                       sample_fps: Optional[float] = None, min_frames: int = 1) -> list[int]:
+    """Frame indices (presentation order, non-decreasing) picked by the rules of the module docstring, from the
+    frames' presentation times `frame_times` (seconds, sorted; the first frame's time is the video's 0 s) and
+    `video_end`, the time the last frame stops being shown. `n` frames over the clip or over the window
+    [start, end] (seconds from the first frame), or `sample_fps` frames per second. Exactly one of n /
+    sample_fps."""
     if (n is None) == (sample_fps is None):
         raise ValueError("give exactly one of n (frames over the clip) and sample_fps (frames per second)")
-    if n_video_frames < 1:
-        raise ValueError(f"the video has {n_video_frames} frames")
-    if not (video_fps > 0 and math.isfinite(video_fps)):
-        raise ValueError(f"the video's frame rate is {video_fps!r}")
-    duration = n_video_frames / video_fps
+    t = np.asarray(frame_times, dtype=np.float64).reshape(-1)
+    if t.size < 1:
+        raise ValueError("the video has 0 frames")
+    if not np.isfinite(t).all() or (np.diff(t) < 0).any():
+        raise ValueError("frame times must be finite and in presentation order")
+    t = t - t[0]  # the first frame is 0 s, as ffmpeg's command line shifts a file's start to 0
+    duration = float(video_end) - float(frame_times[0])
+    if not (math.isfinite(duration) and duration > t[-1]):
+        raise ValueError(f"the video ends at {duration!r} s, not after its last frame ({t[-1]:.3f} s)")
     s = 0.0 if start is None else float(start)
     e = duration if end is None else float(end)
     if e < s:
@@ -104,26 +143,60 @@ def sample_frame_indices(n_video_frames: int, video_fps: float, *, n: Optional[i
     if s >= duration:
         raise ValueError(f"window starts at {s:g} s, at or after the end of the video ({duration:.3f} s)")
     s, e = max(s, 0.0), min(e, duration)
-    first = min(int(math.floor(s * video_fps + 1e-6)), n_video_frames - 1)
-    last = max(first, min(int(math.ceil(e * video_fps - 1e-6)) - 1, n_video_frames - 1))  # frames starting before e
-    count = last - first + 1
+    # the window's frames: those whose presentation time falls in [s, e)
+    first = int(np.searchsorted(t, s - _slack(s), side="left"))
+    stop = int(np.searchsorted(t, e - _slack(e), side="left"))
+    if stop <= first:  # no frame starts inside the window: the one on screen at its start
+        first = max(int(np.searchsorted(t, s + _slack(s), side="right")) - 1, 0)
+        stop = first + 1
+    inside = t[first:stop]
     if sample_fps is not None:
         if not (sample_fps > 0 and math.isfinite(sample_fps)):
             raise ValueError(f"sample_fps must be positive, got {sample_fps!r}")
-        m = int(math.floor((e - s) * sample_fps + 0.5))  # segments whose middle lies inside the window
-        if m >= max(min_frames, 1):
-            times = [s + (k + 0.5) / sample_fps for k in range(m)]
-            picked = (min(last, max(first, int(math.floor(t * video_fps + 1e-6)))) for t in times)
-            return sorted(set(picked))  # a rate above the video's own: each frame once
+        # ffmpeg's fps filter: a frame's time becomes a tick of the output rate rounded to the nearest, halves
+        # up (round=near); output tick k shows the last frame whose tick is <= k (the first frame before any);
+        # the stream's end, rounded the same way, is the first tick not output
+        slots = (e - s) * sample_fps
+        slots = int(math.floor(slots + 0.5 + _slack(slots)))
+        if slots >= max(min_frames, 1):
+            x = (inside - s) * sample_fps
+            ticks = np.floor(x + 0.5 + _slack(x))
+            shown = np.searchsorted(ticks, np.arange(slots), side="right") - 1
+            return (first + np.maximum(shown, 0)).tolist()
         n = max(min_frames, 1)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    if count <= n:
-        return list(range(first, last + 1))
-    return [first + ((2 * k + 1) * count) // (2 * n) for k in range(n)]  # middle of segment k, exact integers
+    if stop - first <= n:
+        return list(range(first, stop))
+    # the frame shown at the middle of each of n equal segments of the time the window's frames are shown
+    lo, hi = inside[0], (t[stop] if stop < len(t) else duration)
+    middles = lo + (np.arange(n) + 0.5) * ((hi - lo) / n)
+    shown = np.searchsorted(inside, middles + _slack(middles), side="right") - 1
+    return (first + np.maximum(shown, 0)).tolist()
+
+
+def sample_frame_indices(n_video_frames: int, video_fps: float, *, n: Optional[int] = None,
+                         start: Optional[float] = None, end: Optional[float] = None,
+                         sample_fps: Optional[float] = None, min_frames: int = 1) -> list[int]:
+    """`sample_frame_times` for a constant-rate video of `n_video_frames` frames at `video_fps` (frame i shown
+    from i / video_fps)."""
+    if n_video_frames < 1:
+        raise ValueError(f"the video has {n_video_frames} frames")
+    if not (video_fps > 0 and math.isfinite(video_fps)):
+        raise ValueError(f"the video's frame rate is {video_fps!r}")
+    return sample_frame_times(np.arange(n_video_frames) / video_fps, n_video_frames / video_fps, n=n, start=start,
+                              end=end, sample_fps=sample_fps, min_frames=min_frames)
 
 
 # ---------------------------------------------------------------------------------------------------------- decoding
+
+DECODERS = ("auto", "decord", "pyav")
+MIN_DECODABLE = 0.5  # default share of a video's sampled frames that must decode for it to be kept
+
+
+class VideoReadError(ValueError):
+    """A file that cannot be used as a video; the message is the reason, as reported."""
+
 
 def _as_uint8_tensor(batch) -> torch.Tensor:
     # decord returns its NDArray, or a torch / other tensor when a bridge was set globally by someone else
@@ -134,42 +207,379 @@ def _as_uint8_tensor(batch) -> torch.Tensor:
     return torch.from_numpy(np.asarray(batch))
 
 
-def open_video(path: PathLike, num_threads: int = 0, fault_tol: float = -1):
-    """A decord VideoReader, after the checks that give a clear reason (missing, empty file)."""
-    import decord
-    path = os.fspath(path)
+def _check_file(path: str) -> None:
+    """The problems that have a clearer reason than a decoder's message."""
     if not os.path.exists(path):
         raise FileNotFoundError("file not found")
     if os.path.isdir(path):
         raise IsADirectoryError("is a directory, not a video file")
     if os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
+
+
+def open_video(path: PathLike, num_threads: int = 0, fault_tol: float = -1):
+    """A decord VideoReader, after the checks that give a clear reason (missing, empty file)."""
+    import decord
+    path = os.fspath(path)
+    _check_file(path)
     return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads, fault_tol=fault_tol)
+
+
+def _decord_message(e: BaseException) -> str:
+    # decord's errors start with its source location ("[12:00:00] /src/video/video_reader.cc:83: ..."), nested
+    text = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
+    return (text or type(e).__name__)[:200]
+
+
+def _video_end(starts: np.ndarray, stops: Optional[np.ndarray], fps: float) -> float:
+    """When the last frame stops being shown: its end time if the file gives one, else one frame period later
+    (the median gap between frames, or 1 / fps)."""
+    last = float(starts[-1])
+    if stops is not None and math.isfinite(float(stops[-1])) and float(stops[-1]) > last:
+        return float(stops[-1])
+    gaps = np.diff(starts)
+    gaps = gaps[gaps > 0]
+    if len(gaps):
+        return last + float(np.median(gaps))
+    return last + (1.0 / fps if fps > 0 and math.isfinite(fps) else 1.0)
+
+
+@dataclass
+class FrameRead:
+    """What `read_video` returns."""
+    frames: torch.Tensor  # (T, H, W, 3) uint8 RGB
+    indices: list[int]  # frame numbers in presentation order; a frame shown at several sampled times repeats
+    times: list[float]  # presentation time (s) of each, from the first frame
+    fps: float  # the container's average rate (informational: sampling uses the timestamps)
+    n_video_frames: int
+    decoder: str = "decord"  # "decord" or "pyav"
+    decoded: Optional[list[bool]] = None  # per sampled frame: its own frame decoded (False: filled); None: all
+    fallback: Optional[str] = None  # why decord did not read the file (decoder "pyav" chosen automatically)
+
+    @property
+    def filled(self) -> int:
+        """Sampled frames that did not decode and show the nearest decoded frame in time instead."""
+        return 0 if self.decoded is None else self.decoded.count(False)
+
+
+def read_video(path: PathLike, *, indices: Optional[Sequence[int]] = None, n: Optional[int] = None,
+               sample_fps: Optional[float] = None, start: Optional[float] = None, end: Optional[float] = None,
+               min_frames: int = 1, num_threads: int = 0, fault_tol: float = -1,
+               min_decodable: float = MIN_DECODABLE, decoder: str = "auto") -> FrameRead:
+    """The sampled frames of one video. `indices` directly, or sampled by `sample_frame_times` from the frames'
+    timestamps (n / sample_fps / window); neither: every frame.
+
+    decoder="auto": decord, with one batched `get_batch` of the sampled frames; a file decord cannot open or
+    decode (AV1, damaged data) is read with PyAV instead, with the same timestamps and sampling ("decord" or
+    "pyav": only that one). PyAV decodes what it can; see `_read_with_pyav` for damaged files and
+    `min_decodable`. Raises `VideoReadError` (or FileNotFoundError, ...) with the reason."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if not 0.0 <= min_decodable <= 1.0:
+        raise ValueError(f"min_decodable must be in [0, 1], got {min_decodable!r}")
+    path = os.fspath(path)
+    _check_file(path)
+
+    def choose(starts: np.ndarray, video_end: float, exact_end: Optional[Callable[[], Optional[float]]] = None
+               ) -> list[int]:
+        total = len(starts)
+        if indices is not None:
+            chosen = [int(i) for i in indices]
+            bad = [i for i in chosen if not 0 <= i < total]
+            if bad:
+                raise IndexError(f"frame indices {bad[:5]} out of range for a video of {total} frames")
+            return chosen
+        if n is None and sample_fps is None and start is None and end is None:
+            return list(range(total))
+        if exact_end is not None and sample_fps is not None and \
+                _tick_count_in_doubt(starts, video_end, sample_fps, start, end):
+            since_first = exact_end()
+            if since_first is not None:
+                video_end = float(starts[0]) + since_first
+        return sample_frame_times(starts, video_end, n=n, sample_fps=sample_fps, start=start, end=end,
+                                  min_frames=min_frames)
+
+    if decoder == "pyav":
+        return _read_with_pyav(path, choose, num_threads, min_decodable)
+    read, fallback = _read_with_decord(path, choose, num_threads, fault_tol, decoder == "decord")
+    if read is not None:
+        return read
+    log.debug("%s: %s; reading it with PyAV", path, fallback)
+    return _read_with_pyav(path, choose, num_threads, min_decodable, fallback)
+
+
+def _read_with_decord(path: str, choose, num_threads: int, fault_tol: float, only: bool
+                      ) -> tuple[Optional[FrameRead], Optional[str]]:
+    """(the frames, None), or (None, why decord cannot read the file) for the PyAV fallback; only=True raises
+    instead."""
+    import decord
+
+    def give_up(why: str, e: BaseException):
+        if only:
+            raise e
+        return None, why
+
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads, fault_tol=fault_tol)
+    except Exception as e:  # DECORDError / RuntimeError: no stream decord can decode (AV1), not a video, ...
+        return give_up(f"decord cannot open it ({_decord_message(e)})", e)
+    try:
+        total, fps = len(vr), float(vr.get_avg_fps())
+        if total < 1:
+            return give_up("decord finds no frames", VideoReadError("no video frames"))
+        # [start, end] seconds per frame from the packet index: no frame is decoded
+        stamps = np.asarray(vr.get_frame_timestamp(range(total)), dtype=np.float64).reshape(total, 2)
+        starts = stamps[:, 0]
+        if not np.isfinite(starts).all() or (np.diff(starts) < 0).any():
+            return give_up("decord's frame timestamps are not in presentation order",
+                           VideoReadError("frame timestamps out of order"))
+        video_end = _video_end(starts, stamps[:, 1], fps)
+        cut = _cut_short(path, video_end, video_end - float(starts[-1]))
+        if cut:
+            return give_up(cut, VideoReadError(f"corrupt or truncated video data: {cut}"))
+        chosen = choose(starts, video_end, lambda: _pyav_video_end(path))
+        distinct = sorted(set(chosen))
+        try:
+            if len(distinct) == len(chosen):
+                frames = _as_uint8_tensor(vr.get_batch(chosen))
+            else:  # a frame shown at several sampled times is decoded once
+                frames = _as_uint8_tensor(vr.get_batch(distinct))
+                frames = frames[torch.from_numpy(np.searchsorted(distinct, chosen))]
+        except Exception as e:  # DECORDError: the container opened, the frame data did not decode
+            return give_up(f"decord cannot decode its frames ({_decord_message(e)})", e)
+    finally:
+        del vr  # frees the decoder now, not at the next garbage collection
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[0] != len(chosen):
+        raise RuntimeError(f"decoder returned {tuple(frames.shape)} {frames.dtype} for {len(chosen)} frames")
+    return FrameRead(frames, chosen, (starts[chosen] - starts[0]).tolist(), fps, total, "decord"), None
+
+
+def _read_with_pyav(path: str, choose, num_threads: int, min_decodable: float,
+                    fallback: Optional[str] = None) -> FrameRead:
+    """Read with PyAV (FFmpeg's own decoders: AV1 via libdav1d, ...). The frames' timestamps come from the
+    packets (demuxed, not decoded), so the sampling is the same as decord's. Then one pass decodes the packets
+    in order, skipping what does not decode, and keeps the sampled frames.
+
+    A damaged file: a sampled frame that does not decode shows the nearest decoded frame in time instead (the
+    earlier one on a tie; decoded frames that were not sampled count too). The video is refused when fewer
+    than `min_decodable` of its sampled frames decoded themselves."""
+    import av
+
+    def contents(container) -> str:
+        return ", ".join(sorted({s.type for s in container.streams})) or "none"
+
+    try:
+        container = av.open(path)
+    except Exception as e:  # av.error.InvalidDataError etc.: FFmpeg's own words on what is wrong
+        raise VideoReadError(f"cannot open as a video: {type(e).__name__}: {e}"[:400]) from None
+    with container:
+        if not container.streams.video:
+            raise VideoReadError(f"cannot open as a video: no video stream (streams: {contents(container)})")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        timeline, last_end = _pyav_timeline(container, stream)
+        time_base = float(stream.time_base)
+        if timeline:
+            timeline, last_end = _with_cut_frames(timeline, last_end, container, stream)
+    if not timeline:
+        raise VideoReadError("cannot open as a video: no video frames in the file")
+    starts = np.array(timeline, dtype=np.float64) * time_base
+    chosen = choose(starts, _video_end(starts, None if last_end is None else np.array([last_end * time_base]), fps))
+    wanted = sorted({timeline[i] for i in chosen})
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = num_threads
+        found, error = _decode_nearest(container, stream, wanted)
+    own = [found.get(timeline[i], (None, False))[1] for i in chosen]
+    decoded = sum(own)
+    if not found:
+        raise VideoReadError(f"corrupt or truncated video data: none of its {len(timeline)} frames decoded"
+                             + (f" ({error})" if error else ""))
+    if decoded < min_decodable * len(chosen):
+        raise VideoReadError(f"corrupt or truncated video data: {decoded} of {len(chosen)} sampled frames decoded "
+                             f"({decoded / len(chosen):.0%}), below the minimum of {min_decodable:.0%} "
+                             f"(min_decodable)")
+    arrays = [found[timeline[i]][0] for i in chosen]
+    height, width = arrays[0].shape[:2]
+    if any(a.shape[:2] != (height, width) for a in arrays):
+        raise VideoReadError(f"the frame size changes inside the video ({sorted({a.shape[:2] for a in arrays})})")
+    frames = torch.from_numpy(np.stack(arrays))
+    return FrameRead(frames, chosen, (starts[chosen] - starts[0]).tolist(), fps, len(timeline), "pyav",
+                     None if decoded == len(chosen) else own, fallback)
+
+
+def _pyav_timeline(container, stream) -> tuple[list[int], Optional[int]]:
+    """The pts of every frame, sorted, from the packets alone (demuxed, not decoded), and when the last one ends
+    (None: no duration given)."""
+    durations: dict[int, int] = {}
+    for packet in _packets(container, stream):
+        pts = packet.pts if packet.pts is not None else packet.dts
+        if pts is not None and packet.size:
+            durations[pts] = max(durations.get(pts, 0), packet.duration or 0)
+    timeline = sorted(durations)
+    last_end = timeline[-1] + durations[timeline[-1]] if timeline and durations[timeline[-1]] else None
+    return timeline, last_end
+
+
+def _pyav_video_end(path: str) -> Optional[float]:
+    """Seconds from the first frame to the end of the last, as current FFmpeg's demuxer gives them (None if it
+    cannot tell)."""
+    import av
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            timeline, last_end = _pyav_timeline(container, stream)
+            return None if last_end is None else float((last_end - timeline[0]) * stream.time_base)
+    except Exception as e:  # the caller keeps decord's value
+        log.debug("%s: no end time from PyAV (%s)", path, e)
+        return None
+
+
+def _tick_count_in_doubt(starts: np.ndarray, video_end: float, sample_fps: float, start: Optional[float],
+                         end: Optional[float]) -> bool:
+    """Whether the number of sample_fps ticks hangs on the last frame's duration: decord's bundled FFmpeg gives
+    some MP4s' last frame (edit lists) up to a frame more than current FFmpeg, whose fps filter is the reference."""
+    duration = video_end - float(starts[0])
+    margin = max(video_end - float(starts[-1]), float(np.median(np.diff(starts))) if len(starts) > 1 else 0.0)
+    s = max(0.0, start or 0.0)
+    e = duration if end is None else float(end)
+    counts = {math.floor((min(e, d) - s) * sample_fps + 0.5) for d in (duration - margin, duration + margin)}
+    return len(counts) > 1
+
+
+def _declared_end(container, stream, frame_step: float) -> Optional[tuple[float, float]]:
+    """When the file's header says the video ends (seconds, on the stream's clock), and how far short of it the
+    data may stop before the file counts as cut: half a frame against the video stream's own duration (MP4), at
+    least 0.5 s against the whole file's (Matroska/WebM give only that, and it includes the audio). None: the
+    header does not say."""
+    if stream.duration:
+        return float(((stream.start_time or 0) + stream.duration) * stream.time_base), 0.5 * frame_step
+    if container.duration:  # in AV_TIME_BASE units (microseconds)
+        return (container.duration + (container.start_time or 0)) / 1e6, max(2 * frame_step, 0.5)
+    return None
+
+
+def _with_cut_frames(timeline: list[int], last_end: Optional[int], container, stream
+                     ) -> tuple[list[int], Optional[int]]:
+    """A file cut short (an interrupted download whose header is at the front) demuxes to fewer frames than its
+    header declares, without an error. The frames from where the data stops to the declared end are added, at the
+    average frame rate, as frames that do not decode: the video keeps its length, and they count as damage."""
+    time_base = float(stream.time_base)
+    if len(timeline) > 1:  # the frames' own average spacing (a header's average_rate can be nonsense)
+        step = (timeline[-1] - timeline[0]) / (len(timeline) - 1)
+    else:
+        step = 1 / float(stream.average_rate) / time_base if stream.average_rate else 0.0
+    if not step > 0:
+        return timeline, last_end
+    declared = _declared_end(container, stream, step * time_base)
+    end = last_end if last_end is not None else timeline[-1] + step
+    if declared is None or declared[0] - end * time_base <= declared[1]:
+        return timeline, last_end
+    declared_end = declared[0] / time_base
+    missing = [round(end + k * step) for k in range(int(round((declared_end - end) / step)))]
+    log.debug("the file stops %d frames before the end its header declares", len(missing))
+    return timeline + [p for p in missing if p > timeline[-1]], int(round(declared_end))
+
+
+MATROSKA_MAGIC = b"\x1a\x45\xdf\xa3"  # EBML: Matroska and WebM
+
+
+def _cut_short(path: str, video_end: float, frame_step: float) -> Optional[str]:
+    """Why the file looks cut short (its data stops well before the end its header declares), or None. decord
+    reads a cut Matroska/WebM file as a shorter video without complaint (a cut MP4 it refuses to open), so only
+    those are checked; this reads only the header (importing PyAV costs ~40 ms a process: not for every file)."""
+    with open(path, "rb") as f:
+        if f.read(4) != MATROSKA_MAGIC:
+            return None
+    import av
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            declared = _declared_end(container, stream, frame_step)
+            origin = float((stream.start_time or 0) * stream.time_base)  # decord's 0 s
+    except Exception as e:  # no verdict: decord's reading stands
+        log.debug("%s: no header duration from PyAV (%s)", path, e)
+        return None
+    if declared is None or declared[0] - origin - video_end <= declared[1]:
+        return None
+    return f"the data stops at {video_end:.2f} s of the {declared[0] - origin:.2f} s its header declares"
+
+
+def _packets(container, stream) -> Iterator:
+    """The stream's packets, ending at the first one the demuxer cannot read (a truncated or garbled file)."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            yield next(packets)
+        except StopIteration:
+            return
+        except Exception as e:  # av.error.FFmpegError
+            log.debug("demuxing stopped: %s", e)
+            return
+
+
+def _decode_nearest(container, stream, wanted: list[int]) -> tuple[dict[int, tuple[np.ndarray, bool]], str]:
+    """{pts: (RGB frame, decoded itself)} for each pts in `wanted` (sorted): its own frame, or the decoded frame
+    nearest in time (the earlier on a tie) when its own did not decode. Decoding stops after the last wanted
+    frame. Also FFmpeg's last error on a packet that did not decode ("" if none)."""
+    import av
+
+    found: dict[int, tuple[np.ndarray, bool]] = {}
+    error = ""
+    rgb_cache: dict[int, np.ndarray] = {}
+
+    def rgb(pts: int, frame) -> np.ndarray:
+        if pts not in rgb_cache:
+            rgb_cache[pts] = frame.to_ndarray(format="rgb24")
+        return rgb_cache[pts]
+
+    k, previous = 0, None  # next wanted pts; last decoded (pts, frame)
+
+    def place(frames) -> None:
+        nonlocal k, previous
+        for frame in frames:
+            pts = frame.pts
+            if pts is None or (previous is not None and pts <= previous[0]):
+                continue  # no timestamp, or out of order after damage: cannot be placed in time
+            while k < len(wanted) and wanted[k] < pts:  # passed without decoding: the nearer neighbour
+                near = previous if previous is not None and wanted[k] - previous[0] <= pts - wanted[k] \
+                    else (pts, frame)
+                found[wanted[k]] = (rgb(*near), False)
+                k += 1
+            if k < len(wanted) and wanted[k] == pts:
+                found[pts] = (rgb(pts, frame), True)
+                k += 1
+            previous = (pts, frame)
+
+    flushed = False
+    for packet in _packets(container, stream):
+        flushed = not packet.size  # the demuxer's last, empty packet drains the decoder
+        try:
+            place(packet.decode())
+        except av.error.FFmpegError as e:  # a damaged packet: its frame (and any it broke) are missing
+            error = f"{type(e).__name__}: {e}"[:200]
+        if k == len(wanted):
+            break
+    if k < len(wanted) and not flushed:  # demuxing stopped early: the frames still inside the decoder
+        with contextlib.suppress(av.error.FFmpegError):
+            place(stream.codec_context.decode(None))
+    if previous is not None:
+        for pts in wanted[k:]:  # after the last decoded frame
+            found[pts] = (rgb(*previous), False)
+    return found, error
 
 
 def read_frames(path: PathLike, *, indices: Optional[Sequence[int]] = None, n: Optional[int] = None,
                 sample_fps: Optional[float] = None, start: Optional[float] = None, end: Optional[float] = None,
-                min_frames: int = 1, num_threads: int = 0, fault_tol: float = -1
+                min_frames: int = 1, num_threads: int = 0, fault_tol: float = -1, **kwargs
                 ) -> tuple[torch.Tensor, list[int], float, int]:
-    """(frames (T, H, W, 3) uint8 RGB, frame indices, video fps, video frame count), with one batched
-    `get_batch` read. `indices` directly, or sampled by `sample_frame_indices` (n / sample_fps / window);
-    neither: every frame."""
-    vr = open_video(path, num_threads, fault_tol)
-    try:
-        total, fps = len(vr), float(vr.get_avg_fps())
-        if indices is None:
-            if n is None and sample_fps is None and start is None and end is None:
-                indices = list(range(total))
-            else:
-                indices = sample_frame_indices(total, fps, n=n, sample_fps=sample_fps, start=start, end=end,
-                                               min_frames=min_frames)
-        indices = [int(i) for i in indices]
-        frames = _as_uint8_tensor(vr.get_batch(indices))
-    finally:
-        del vr  # frees the decoder now, not at the next garbage collection
-    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[0] != len(indices):
-        raise RuntimeError(f"decoder returned {tuple(frames.shape)} {frames.dtype} for {len(indices)} frames")
-    return frames, indices, fps, total
+    """(frames (T, H, W, 3) uint8 RGB, frame indices, video fps, video frame count): `read_video` without the
+    decoder's notes."""
+    r = read_video(path, indices=indices, n=n, sample_fps=sample_fps, start=start, end=end, min_frames=min_frames,
+                   num_threads=num_threads, fault_tol=fault_tol, **kwargs)
+    return r.frames, r.indices, r.fps, r.n_video_frames
 
 
 def resized_size(height: int, width: int, size: int, resize: str) -> tuple[int, int]:
@@ -211,14 +621,13 @@ class DecodedVideo:
     id: str
     path: str
     frames: torch.Tensor  # (T, H, W, 3) uint8 without resize; (T, 3, S, S) uint8 with resize
-    indices: list[int]  # frame numbers in the video
-    fps: float
+    indices: list[int]  # frame numbers in the video, presentation order (a frame shown at two sampled times: twice)
+    fps: float  # the container's average rate
     n_video_frames: int
-
-    @property
-    def times(self) -> list[float]:
-        """Start time (s) of each sampled frame."""
-        return [i / self.fps for i in self.indices]
+    times: list[float]  # presentation time (s) of each sampled frame, from the first frame
+    decoder: str = "decord"  # which decoder read it: "decord", or "pyav" for a file decord could not read
+    filled: int = 0  # sampled frames that did not decode, showing the nearest decoded frame instead
+    fallback: Optional[str] = None  # why decord could not read it
 
     def pin_memory(self) -> "DecodedVideo":  # DataLoader(pin_memory=True) calls this on custom types
         self.frames = self.frames.pin_memory()
@@ -232,50 +641,35 @@ class VideoFailure:
     reason: str
 
 
-def _diagnose(path: Optional[str]) -> Optional[str]:
-    """FFmpeg's own words (through PyAV) on a file decord could not open: decord's message only says "Error
-    reading"."""
-    try:
-        import av
-        with av.open(path) as container:
-            if not container.streams.video:
-                kinds = sorted({s.type for s in container.streams}) or ["none"]
-                return f"no video stream (streams: {', '.join(kinds)})"
-    except Exception as e:  # av.error.InvalidDataError etc.
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _reason(e: BaseException, path: Optional[str] = None) -> str:
-    text = str(e).strip().splitlines()
-    # decord's errors start with its source location ("[12:00:00] /src/video/video_reader.cc:83: ..."); drop it
-    msg = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", text[0] if text else "")
+def _reason(e: BaseException) -> str:
+    if isinstance(e, VideoReadError):
+        return str(e)[:400]
+    msg = _decord_message(e)
     if isinstance(e, (FileNotFoundError, IsADirectoryError)) or msg in ("empty file (0 bytes)",):
         return msg
-    if msg.startswith("Error reading") or "cannot find video stream" in msg:
-        detail = _diagnose(path) if path else None
-        return f"cannot open as a video: {detail or msg}"[:400]
-    if type(e).__name__.startswith("DECORD"):  # the container opened, the frame data did not decode
+    if type(e).__name__.startswith("DECORD"):  # decoder="decord": the container opened, the frame data did not
         return f"corrupt or truncated video data ({type(e).__name__}: {msg})"[:400]
     return f"{type(e).__name__}: {msg}"[:400]
 
 
 class VideoFrames(torch.utils.data.Dataset):
     """(id, path) pairs -> `DecodedVideo`, or `VideoFailure` (on_error='skip') / `VideoDecodeError`
-    (on_error='raise') for a video that cannot be read. Opens a decord reader per item, in the process that
-    calls it (a DataLoader worker), so the dataset pickles as plain paths.
+    (on_error='raise') for a video that cannot be read. Opens a reader per item (decord; PyAV for a file decord
+    cannot read), in the process that calls it (a DataLoader worker), so the dataset pickles as plain paths.
 
     Sampling: `n_frames` uniform frames, or `sample_fps` frames per second (one of them; default VALUE's 2/3
     fps), over the whole video or over `windows[id]` = (start, end) seconds. `resize`: None keeps the decoded
     frames (T, H, W, 3); 'crop' / 'squash' gives (T, 3, image_size, image_size) (`preprocess_frames`).
-    `decode_threads`: decord threads per reader; None gives 1 in a DataLoader worker (the workers are the
-    parallelism) and decord's automatic count in the main process."""
+    `decode_threads`: decoder threads per reader; None gives 1 in a DataLoader worker (the workers are the
+    parallelism) and the decoder's automatic count in the main process. `min_decodable`: a damaged video is
+    kept when at least this share of its sampled frames decodes (the rest are filled, see the module docstring)."""
 
     def __init__(self, videos: Union[Mapping[str, Optional[PathLike]], Sequence[tuple[str, Optional[PathLike]]]],
                  *, n_frames: Optional[int] = None, sample_fps: Optional[float] = None,
                  windows: Optional[Mapping[str, tuple[float, float]]] = None, min_frames: int = 1,
                  resize: Optional[str] = None, image_size: int = 224, on_error: str = "skip",
-                 decode_threads: Optional[int] = None, fault_tol: float = -1):
+                 decode_threads: Optional[int] = None, fault_tol: float = -1,
+                 min_decodable: float = MIN_DECODABLE):
         items = videos.items() if isinstance(videos, Mapping) else videos
         self.items = [(str(k), None if p is None else os.fspath(p)) for k, p in items]
         if n_frames is not None and sample_fps is not None:
@@ -289,7 +683,9 @@ class VideoFrames(torch.utils.data.Dataset):
         self.n_frames, self.sample_fps, self.min_frames = n_frames, sample_fps, min_frames
         self.windows = dict(windows or {})
         self.resize, self.image_size, self.on_error = resize, image_size, on_error
-        self.decode_threads, self.fault_tol = decode_threads, fault_tol
+        if not 0.0 <= min_decodable <= 1.0:
+            raise ValueError(f"min_decodable must be in [0, 1], got {min_decodable!r}")
+        self.decode_threads, self.fault_tol, self.min_decodable = decode_threads, fault_tol, min_decodable
 
     def __len__(self) -> int:
         return len(self.items)
@@ -302,19 +698,19 @@ class VideoFrames(torch.utils.data.Dataset):
         if threads is None:
             threads = 1 if torch.utils.data.get_worker_info() is not None else 0
         start, end = self.windows.get(key, (None, None))
-        frames, indices, fps, total = read_frames(path, n=self.n_frames, sample_fps=self.sample_fps, start=start,
-                                                  end=end, min_frames=self.min_frames, num_threads=threads,
-                                                  fault_tol=self.fault_tol)
-        if self.resize is not None:
-            frames = preprocess_frames(frames, self.image_size, self.resize)
-        return DecodedVideo(key, path, frames, indices, fps, total)
+        r = read_video(path, n=self.n_frames, sample_fps=self.sample_fps, start=start, end=end,
+                       min_frames=self.min_frames, num_threads=threads, fault_tol=self.fault_tol,
+                       min_decodable=self.min_decodable)
+        frames = r.frames if self.resize is None else preprocess_frames(r.frames, self.image_size, self.resize)
+        return DecodedVideo(key, path, frames, r.indices, r.fps, r.n_video_frames, r.times, r.decoder, r.filled,
+                            r.fallback)
 
     def __getitem__(self, i: int) -> Union[DecodedVideo, VideoFailure]:
         key, path = self.items[i]
         try:
             return self.decode(key, path)
-        except Exception as e:  # decord raises RuntimeError / DECORDError / AssertionError; we raise ValueError...
-            reason = _reason(e, path)
+        except Exception as e:  # VideoReadError, FileNotFoundError, ...; decord's own errors with decoder="decord"
+            reason = _reason(e)
         if self.on_error == "raise":
             raise VideoDecodeError(f"video {key!r} ({path}): {reason}", key, reason)
         return VideoFailure(key, path, reason)
@@ -397,6 +793,8 @@ class VideoLoader:
     """Iterate the decoded videos of a `VideoFrames` dataset, in order, decoded by `num_workers` DataLoader
     processes (0: in this process). Failed videos are logged, counted in `failures` ({id: reason}), passed to
     `on_failure(id, reason)`, and skipped; with the dataset's on_error='raise' they raise `VideoDecodeError`.
+    Videos read with PyAV because decord could not are counted in `fallbacks` ({id: why}), and damaged ones
+    kept with filled-in frames in `filled` ({id: frames filled}), both logged.
 
     A worker that dies inside the decoder (a segfault on a broken file), or that has been decoding one video for
     more than `decode_timeout` seconds (it is then killed), costs only that video: it is reported like any bad
@@ -411,6 +809,8 @@ class VideoLoader:
         self.decode_timeout, self.max_restarts, self.poll_seconds = decode_timeout, max_restarts, poll_seconds
         self.on_failure = on_failure
         self.failures: dict[str, str] = {}
+        self.fallbacks: dict[str, str] = {}  # id -> why decord could not read it (read with PyAV)
+        self.filled: dict[str, int] = {}  # id -> sampled frames that did not decode (filled in)
         self.decoded = 0
         self.restarts = 0
 
@@ -430,6 +830,13 @@ class VideoLoader:
             self._fail(item.id, item.path, item.reason)
             return None
         self.decoded += 1
+        if item.fallback:
+            self.fallbacks[item.id] = item.fallback
+            log.info("video %r (%s): %s; read with PyAV", item.id, item.path, item.fallback)
+        if item.filled:
+            self.filled[item.id] = item.filled
+            log.warning("video %r (%s): %d of its %d sampled frames did not decode; each shows the nearest decoded "
+                        "frame in time", item.id, item.path, item.filled, len(item.indices))
         return item
 
     def __iter__(self) -> Iterator[DecodedVideo]:
@@ -576,6 +983,8 @@ class VideoExtractionReport:
     restarts: int = 0  # decoder worker crashes survived
     device: str = "cpu"
     feature_dim: Optional[int] = None
+    decoder_fallbacks: dict = field(default_factory=dict)  # id -> why decord could not read it (PyAV did), this run
+    filled_frames: dict = field(default_factory=dict)  # id -> sampled frames that did not decode (filled), this run
 
     @property
     def videos_per_s(self) -> float:
@@ -589,6 +998,10 @@ class VideoExtractionReport:
         d = asdict(self)
         d["failed"] = len(self.failed)
         d["failed_ids"] = sorted(self.failed)[:20]
+        d["decoder_fallbacks"] = len(self.decoder_fallbacks)
+        d["decoder_fallback_ids"] = sorted(self.decoder_fallbacks)[:20]
+        d["filled_frames"] = sum(self.filled_frames.values())
+        d["videos_with_filled_frames"] = len(self.filled_frames)
         d["videos_per_s"] = round(self.videos_per_s, 3)
         d["frames_per_s"] = round(self.frames_per_s, 3)
         for k in ("seconds", "wait_seconds", "load_seconds"):
@@ -605,10 +1018,13 @@ def video_feature_metadata(model_name: str = "ViT-B-32", pretrained: Optional[st
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     cfg = tower_config(model_name, model_config)
+    # what picks the frames, so that a store made by another rule (index-based, before "timestamps") is not resumed
     if n_frames is not None:
-        sampling = {"n_frames": int(n_frames)}
+        sampling = {"n_frames": int(n_frames), "rule": "frame shown at the middle of n equal time segments"}
     else:
-        sampling = {"sample_fps": float(sample_fps), "first_frame_s": 0.5 / float(sample_fps)}
+        sampling = {"sample_fps": float(sample_fps), "first_frame_s": 0.5 / float(sample_fps),
+                    "rule": "ffmpeg fps filter, round near"}
+    sampling["timestamps"] = "pts"
     sampling["min_frames"] = int(min_frames)
     if window is None:
         sampling["window"] = "whole video"
@@ -623,8 +1039,9 @@ def video_feature_metadata(model_name: str = "ViT-B-32", pretrained: Optional[st
         "pretrained": pretrained,
         "model_config": None if model_config is None else cfg,
         "output": "encode_image (pooled, projected, not L2-normalised)",
-        "decoder": "decord",
+        "decoder": "decord; PyAV for files decord cannot read",
         "sampling": sampling,
+        "damaged_frames": "nearest decoded frame in time",
         "image_size": _image_size(cfg, image_size),
         "resize": resize,
         "interpolation": "bicubic, antialiased",
@@ -697,7 +1114,8 @@ def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root:
                            resize: str = "crop", image_size: Optional[int] = None, progress: bool = True,
                            on_error: str = "skip", decode_timeout: Optional[float] = 600.0,
                            shard: Optional[tuple[int, int]] = None, shard_size: int = 1024, seed: int = 0,
-                           amp: Optional[bool] = None, calibrate_batchnorm: int = 0) -> VideoExtractionReport:
+                           amp: Optional[bool] = None, calibrate_batchnorm: int = 0,
+                           min_decodable: float = MIN_DECODABLE) -> VideoExtractionReport:
     """Per-frame CLIP embeddings of `videos` ({id: file}) into the store at `store_root`, one (T, D) entry per id.
 
     Sampling: `n_frames` uniform frames if given (sample_fps is then not used), else `sample_fps` per second;
@@ -709,7 +1127,10 @@ def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root:
     OpenAI's fp16 weights; on CPU it runs in float32. The store holds `dtype`.
     calibrate_batchnorm=N (random ModifiedResNet towers only): BatchNorm statistics from the sampled frames of the
     first N videos in id order, before extraction (data.image_features.estimate_batchnorm_statistics); the same
-    videos on every run and shard, so a resume matches."""
+    videos on every run and shard, so a resume matches.
+    A file decord cannot read is read with PyAV (counted in report.decoder_fallbacks); a damaged video is kept
+    when at least `min_decodable` of its sampled frames decode, the rest filled (report.filled_frames); either
+    is noted with its entry in the store (`FeatureStore.notes()`)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -746,7 +1167,7 @@ def extract_video_features(videos: Mapping[str, Optional[PathLike]], store_root:
             visual, mean, std = load_clip_tower(model_name, pretrained, device, model_config, seed)
             dataset = VideoFrames(pending, n_frames=n_frames, sample_fps=sample_fps, windows=windows,
                                   min_frames=min_frames, resize=resize, image_size=meta["image_size"],
-                                  on_error=on_error)
+                                  on_error=on_error, min_decodable=min_decodable)
             if calibration:
                 _calibrate_batchnorm(visual, dataset, calibration, mean, std, device)
             report.load_seconds = time.perf_counter() - t0
@@ -788,7 +1209,7 @@ def _calibrate_batchnorm(visual, dataset: VideoFrames, videos: Sequence[tuple[st
         try:
             frames.append(dataset.decode(str(key), None if path is None else os.fspath(path)).frames)
         except Exception as e:  # an unreadable video is reported by the extraction itself
-            log.warning("calibration skips video %r: %s", key, _reason(e, path))
+            log.warning("calibration skips video %r: %s", key, _reason(e))
     if not frames:
         raise ValueError("calibrate_batchnorm: none of the calibration videos could be decoded")
     estimate_batchnorm_statistics(visual, normalise(torch.cat(frames).to(device), mean, std))
@@ -800,6 +1221,7 @@ def _extract(loader: VideoLoader, visual, mean, std, writer: FeatureWriter, repo
         else contextlib.nullcontext()
     packer = _FramePacker(batch_size)
     expected = meta["feature_dim"]
+    notes: dict[str, dict] = {}  # id -> what to keep with its entry: read by PyAV, frames filled
 
     def run_batch() -> None:
         pixels, spans = packer.take()
@@ -811,7 +1233,12 @@ def _extract(loader: VideoLoader, visual, mean, std, writer: FeatureWriter, repo
                                f"metadata says (frames, {expected})")
         feats = feats.to(dtype).cpu()  # cast on the device: half the bytes to move for float16
         for key, f in packer.put(feats, spans):
-            writer.add(key, f)
+            note = notes.pop(key, None)
+            writer.add(key, f, note=note)
+            if note:
+                report.decoder_fallbacks[key] = note["fallback"]
+                if note["filled_frames"]:
+                    report.filled_frames[key] = note["filled_frames"]
             report.extracted += 1
             report.frames += f.shape[0]
             bar.update(1)
@@ -830,6 +1257,9 @@ def _extract(loader: VideoLoader, visual, mean, std, writer: FeatureWriter, repo
                     bar.set_postfix(failed=seen_failures)
                 if video is None:
                     break
+                if video.decoder != "decord":
+                    notes[video.id] = {"decoder": video.decoder, "fallback": video.fallback,
+                                       "filled_frames": video.filled, "sampled_frames": len(video.indices)}
                 packer.add(video.id, video.frames)
                 while packer.ready():
                     run_batch()
@@ -1047,6 +1477,17 @@ def parse_rate(text: str) -> float:
     return value
 
 
+def parse_share(text: str) -> float:
+    """'0.5' -> 0.5, a share in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.video", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1073,6 +1514,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="storage dtype")
     p.add_argument("--on-error", choices=ON_ERROR, default="skip", help="a video that cannot be decoded")
     p.add_argument("--decode-timeout", type=float, default=600.0, help="seconds one video may take to decode")
+    p.add_argument("--min-decodable", type=parse_share, default=MIN_DECODABLE, metavar="SHARE",
+                   help="keep a damaged video when at least this share of its sampled frames decodes (the others "
+                   "show the nearest decoded frame); below it the video is skipped (default %(default)s)")
     p.add_argument("--shard", type=parse_shard, help="i/n: extract the i-th of n disjoint parts (0-based)")
     p.add_argument("--shard-size", type=int, default=1024, help="entries per shard file")
     p.add_argument("--calibrate-batchnorm", type=int, default=0, metavar="N",
@@ -1108,7 +1552,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         num_workers=args.num_workers, device=args.device, dtype=dtype_from_name(args.dtype), resize=args.resize,
         image_size=args.image_size, progress=not args.no_progress, on_error=args.on_error,
         decode_timeout=args.decode_timeout, shard=args.shard, shard_size=args.shard_size,
-        calibrate_batchnorm=args.calibrate_batchnorm)
+        calibrate_batchnorm=args.calibrate_batchnorm, min_decodable=args.min_decodable)
     print(json.dumps(report.summary()))
     return 0
 

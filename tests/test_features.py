@@ -110,6 +110,32 @@ def test_store_round_trip_varying_rows(tmp_path):
         store.get("nope")
 
 
+def test_entry_notes_live_in_their_shard(tmp_path):
+    """add(..., note=) keeps a note with its entry, in the same shard file: written together, resumed together,
+    and a note of an entry that is not in the store is never reported."""
+    root = tmp_path / "store"
+    meta = {"feature_dim": 4, "dtype": "float32"}
+    with FeatureWriter(root, meta, shard_size=2) as w:
+        w.add("a", torch.zeros(1, 4), note={"decoder": "pyav", "filled_frames": 2})
+        w.add("b", torch.zeros(1, 4))
+        w.add("c", torch.zeros(1, 4), note={"decoder": "pyav", "filled_frames": 0})
+    with FeatureWriter(root, meta, shard_size=2) as w:  # resumed, a later shard
+        w.add("d", torch.zeros(1, 4), note={"why": ("tuple", "as JSON")})
+    store = FeatureStore(root)
+    assert store.notes() == {"a": {"decoder": "pyav", "filled_frames": 2}, "c": {"decoder": "pyav", "filled_frames": 0},
+                             "d": {"why": ["tuple", "as JSON"]}}
+    assert store.summary()["notes"] == 3
+    with safe_open(str(root / "part-000000.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["notes"]) == {"a": {"decoder": "pyav", "filled_frames": 2}}
+    with safe_open(str(root / "part-000001.safetensors"), framework="pt") as f:
+        assert "c" in json.loads(f.metadata()["notes"])
+    # a killed writer's buffered entries and their notes are lost together
+    w = FeatureWriter(root, meta, shard_size=10)
+    w.add("e", torch.zeros(1, 4), note={"lost": True})
+    del w
+    assert "e" not in FeatureStore(root).notes()
+
+
 def test_store_without_dtype_metadata_and_pickle_and_workers(tmp_path):
     root = tmp_path / "s"
     data = {f"k{i}": torch.full((i + 1, 4), float(i)) for i in range(6)}

@@ -96,8 +96,8 @@ def test_window_sampling_stays_inside_the_window():
         e = float(rng.uniform(s, duration * 1.2))
         n = int(rng.integers(1, 40))
         got = sample_frame_indices(total, fps, n=n, start=s, end=e)
-        inside = [i for i in range(total) if i / fps < min(e, duration) and (i + 1) / fps > s] or \
-            [min(int(s * fps), total - 1)]
+        # frames whose time falls inside the window (as ffmpeg's trim); none: the frame on screen at its start
+        inside = [i for i in range(total) if s <= i / fps < min(e, duration)] or [min(int(s * fps), total - 1)]
         assert got == sorted(set(got)) and set(got) <= set(inside)
         assert len(got) == min(n, len(inside))
 
@@ -110,6 +110,8 @@ def test_fixed_rate_sampling_as_value_one_frame_every_1_5_s():
     # a last partial segment counts when its middle is inside: 61 s -> 41 frames, 60.7 s -> 40
     assert len(sample_frame_indices(1830, 30.0, sample_fps=2 / 3)) == 41
     assert len(sample_frame_indices(1821, 30.0, sample_fps=2 / 3)) == 40
+    # a frame starting exactly on a tick's half (0.75 s at 24 fps) belongs to the next tick: ffmpeg rounds halves up
+    assert sample_frame_indices(240, 24.0, sample_fps=2 / 3)[:3] == [17, 53, 89]
     # inside a window, times count from its start
     assert sample_frame_indices(1800, 30.0, sample_fps=2 / 3, start=10.0, end=13.0) == [322, 367]
 
@@ -119,7 +121,8 @@ def test_short_clips_and_bad_arguments():
     assert sample_frame_indices(15, 30.0, sample_fps=2 / 3) == [7]  # 0.5 s: too short for one segment
     assert sample_frame_indices(30, 30.0, sample_fps=2 / 3, min_frames=2) == [7, 22]
     assert sample_frame_indices(3, 30.0, n=8) == [0, 1, 2]  # fewer frames than asked: each once
-    assert sample_frame_indices(10, 5.0, sample_fps=20.0) == list(range(10))  # faster than the video
+    # faster than the video: ffmpeg's fps filter repeats each frame for every tick it is shown (4 here)
+    assert sample_frame_indices(10, 5.0, sample_fps=20.0) == [i for i in range(10) for _ in range(4)]
     with pytest.raises(ValueError, match="exactly one"):
         sample_frame_indices(10, 5.0, n=2, sample_fps=1.0)
     with pytest.raises(ValueError, match="exactly one"):
@@ -257,6 +260,339 @@ def test_a_crashing_or_hanging_decoder_costs_only_its_video(demo):
     with pytest.raises(VideoDecodeError, match="decoder crashed") as raised:
         list(VideoLoader(dataset, num_workers=2, decode_timeout=1.5))
     assert raised.value.video_id == dataset.crash
+
+
+# ------------------------------------------------------------------------------------------------ users' own videos
+
+AV1_ENCODERS = {"libsvtav1": {"preset": "12"}, "libaom-av1": {"cpu-used": "8"}, "librav1e": {"speed": "10"}}
+# 30 fps for 1 s, 5 fps for 1 s, 30 fps for 1 s: a variable frame rate (average 21.7 fps)
+VFR_TIMES = [i / 30 for i in range(30)] + [1 + i / 5 for i in range(5)] + [2 + i / 30 for i in range(30)]
+
+
+def av1_encoder() -> str:
+    import av
+    found = [c for c in AV1_ENCODERS if c in av.codecs_available]
+    assert found, f"PyAV has no AV1 encoder (tried {list(AV1_ENCODERS)})"
+    return found[0]
+
+
+def write_timed_video(path: Path, times, *, codec: str = "libx264", options=None, size=(64, 48)) -> Path:
+    """Frame i shown from times[i] seconds (any spacing: a variable rate), in a 1/90000 s time base so that times
+    such as 0.75 s are exact. H.264 default: a keyframe every 10 frames, no B-frames."""
+    import av
+    time_base = Fraction(1, 90000)
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = time_base
+        stream.options = options or AV1_ENCODERS.get(codec) or {"preset": "ultrafast", "g": "10", "bf": "0"}
+        for i, t in enumerate(times):
+            image = np.zeros((height, width, 3), np.uint8)
+            image[:] = (40 + (i * 37) % 180, 60 + (i * 11) % 160, 90)
+            x = (3 * i) % (width - 8)
+            image[8:24, x:x + 8] = 255  # a bar that moves 3 px a frame: neighbouring frames differ
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = round(Fraction(t) / time_base), time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def pyav_frames(path) -> tuple[list[int], list[np.ndarray]]:
+    """(pts, RGB) of every frame PyAV decodes, in order, skipping packets that do not decode."""
+    import av
+    pts, images = [], []
+    with av.open(str(path)) as container:
+        for packet in container.demux(video=0):
+            try:
+                decoded = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            for frame in decoded:
+                pts.append(frame.pts)
+                images.append(frame.to_ndarray(format="rgb24"))
+    return pts, images
+
+
+def ffmpeg_fps_filter(path, rate: str, shift: bool = True) -> tuple[list[int], np.ndarray]:
+    """What ffmpeg's own `fps` filter (libavfilter through PyAV's filter graph, `fps=<rate>`, default round=near)
+    emits for the file's frames: (the presentation index of each output frame's source frame, the output
+    frames as RGB). shift: times from the first frame, as ffmpeg's command line shifts a file's start to 0."""
+    import av
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = list(container.decode(stream))  # presentation order; kept alive: their opaque tags live on
+        time_base = stream.time_base
+    graph = av.filter.Graph()
+    first = frames[0]
+    buffer = graph.add_buffer(width=first.width, height=first.height, format=first.format.name,
+                              time_base=time_base)
+    graph.link_nodes(buffer, graph.add("fps", f"fps={rate}"), graph.add("buffersink")).configure()
+    origin = first.pts if shift else 0
+    out = []
+
+    def drain():
+        while True:
+            try:
+                out.append(graph.pull())
+            except (av.BlockingIOError, av.EOFError):
+                return
+
+    for i, frame in enumerate(frames):
+        frame.opaque = i
+        frame.pts -= origin
+        graph.push(frame)
+        drain()
+    graph.push(None)  # end of stream at the last frame's pts + duration, as the command line's decoder sends
+    drain()
+    return [o.opaque for o in out], np.stack([o.to_ndarray(format="rgb24") for o in out])
+
+
+@pytest.fixture(scope="module")
+def timed_clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("timed_clips")
+    late = [0.5 + t for t in VFR_TIMES]  # the stream's first pts is 0.5 s
+    return {
+        "vfr": write_timed_video(root / "vfr.mp4", VFR_TIMES),
+        # 24 fps: 0.75 s, 2.25 s, ... are frame starts, exact ties for 2/3 fps; B-frames (x264 veryfast)
+        "cfr24": write_timed_video(root / "cfr24.mp4", [i / 24 for i in range(72)], options={"preset": "veryfast"}),
+        "cfr30": write_timed_video(root / "cfr30.mp4", [i / 30 for i in range(45)]),  # ends at 1.5 s: a tie at 1 fps
+        "late": write_timed_video(root / "late.mp4", late),
+        "av1_late": write_timed_video(root / "av1_late.mp4", late, codec=av1_encoder()),
+    }
+
+
+@pytest.mark.parametrize("clip, rate", [("vfr", "2/3"), ("vfr", "1"), ("vfr", "3"), ("vfr", "8"), ("cfr24", "2/3"),
+                                        ("cfr24", "1/2"), ("cfr30", "1"), ("cfr30", "2/3"), ("late", "2/3"),
+                                        ("av1_late", "2/3"), ("av1_late", "3")])
+def test_sample_fps_takes_the_frames_ffmpegs_fps_filter_emits(timed_clips, clip, rate):
+    """VALUE's features came from `ffmpeg -vf fps=2/3`: same frames (pixels too) on variable- and constant-rate
+    clips, ties (24 fps), the end-of-stream tick (cfr30 at 1 fps: 1.5 s gives 2), rates above the clip's own
+    (repeats), a stream starting at 0.5 s, and AV1 (read with PyAV)."""
+    path = timed_clips[clip]
+    want, want_frames = ffmpeg_fps_filter(path, rate)
+    frames, indices, _, _ = read_frames(path, sample_fps=float(Fraction(rate)))
+    assert indices == want
+    assert np.array_equal(frames.numpy(), want_frames)
+    if clip in ("late", "av1_late"):  # the origin matters here: on raw pts the filter's ticks fall elsewhere
+        assert ffmpeg_fps_filter(path, rate, shift=False)[0] != want
+
+
+def test_uniform_and_window_sampling_follow_time_on_a_variable_rate_clip(timed_clips):
+    path = timed_clips["vfr"]
+    _, images = pyav_frames(path)
+
+    def shown_at(t):  # the frame on screen at time t
+        return max(i for i, start in enumerate(VFR_TIMES) if start <= t + 1e-9)
+
+    # 8 frames over 3 s: the frames shown at 0.1875 s, 0.5625 s, ... (by frame count they bunch in the 30 fps parts)
+    video = VideoFrames([("vfr", path)], n_frames=8)[0]
+    assert video.indices == [shown_at((k + 0.5) * 3 / 8) for k in range(8)]
+    assert np.allclose(video.times, [VFR_TIMES[i] for i in video.indices], atol=1e-5)
+    assert max(np.diff(video.times)) < 0.45  # no 1.8 s hole
+    assert all(np.array_equal(f, images[i]) for f, i in zip(video.frames.numpy(), video.indices))
+    # a window: only frames whose time falls inside [1.0, 2.5); its frames are shown from 1.0 to 2.5 s
+    windowed = VideoFrames([("vfr", path)], n_frames=4, windows={"vfr": (1.0, 2.5)})[0]
+    assert windowed.indices == [shown_at(1.0 + (k + 0.5) * 1.5 / 4) for k in range(4)] == [30, 32, 34, 44]
+    per_second = VideoFrames([("vfr", path)], sample_fps=2.0, windows={"vfr": (1.0, 2.5)})[0]
+    assert per_second.indices == [shown_at(1.0 + (k + 0.5) / 2) for k in range(3)]  # 1.25, 1.75, 2.25 s
+    for v in (windowed, per_second):
+        assert all(1.0 <= t < 2.5 for t in v.times), v.times
+
+
+def test_av1_is_read_with_pyav_with_the_same_sampling(timed_clips, tmp_path):
+    import decord
+    path = write_timed_video(tmp_path / "av1.mp4", VFR_TIMES, codec=av1_encoder())
+    with pytest.raises(Exception, match="cannot find video stream"):
+        decord.VideoReader(str(path))  # decord 0.6 cannot open AV1 at all
+    _, images = pyav_frames(path)
+    for kw in (dict(n_frames=8), dict(n_frames=4, windows={"clip": (1.0, 2.5)}), dict(sample_fps=3.0)):
+        video = VideoFrames([("clip", path)], **kw)[0]
+        twin = VideoFrames([("clip", timed_clips["vfr"])], **kw)[0]  # the same frame times in H.264, via decord
+        assert video.decoder == "pyav" and "decord cannot open it" in video.fallback and video.filled == 0
+        assert twin.decoder == "decord" and twin.fallback is None
+        assert video.indices == twin.indices and video.times == pytest.approx(twin.times, abs=1e-5)
+        assert all(np.array_equal(f, images[i]) for f, i in zip(video.frames.numpy(), video.indices))
+
+
+def damage_packets(clean: Path, out: Path, which) -> Path:
+    """A copy of `clean` with the data of its packets `which` (presentation order) overwritten with garbage: the
+    container is intact, those frames are not."""
+    import av
+    with av.open(str(clean)) as container:
+        packets = sorted((p.pts, p.pos, p.size) for p in container.demux(video=0) if p.size)
+    data = bytearray(clean.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in which:
+        _, pos, size = packets[i]
+        data[pos:pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def damaged_clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged")
+    clean = write_timed_video(root / "clean.mp4", [i / 30 for i in range(60)])
+    return {"clean": clean,
+            "damaged": damage_packets(clean, root / "damaged.mp4", [25, 26, 27, 41]),
+            "wrecked": damage_packets(clean, root / "wrecked.mp4", range(5, 56))}  # 9 of 60 frames left
+
+
+def test_a_damaged_video_keeps_the_frames_that_decode_and_fills_the_rest(damaged_clips):
+    from data.video import VideoReadError, read_video
+    path = damaged_clips["damaged"]
+    with pytest.raises(Exception):
+        read_video(path, decoder="decord")  # decord gives up on the whole file
+    decodable, images = pyav_frames(path)
+    clean_pts, _ = pyav_frames(damaged_clips["clean"])
+    assert sorted(clean_pts.index(p) for p in set(clean_pts) - set(decodable)) == [25, 26, 27, 41]  # the damaged ones
+    got = read_video(path)  # every frame
+    assert got.decoder == "pyav" and "decord cannot decode its frames" in got.fallback
+    assert got.indices == list(range(60)) and got.filled == 4
+    own = [clean_pts[i] in decodable for i in got.indices]
+    assert got.decoded == own
+
+    def nearest(i):  # the decoded frame nearest in time to frame i, the earlier on a tie
+        return decodable.index(min(decodable, key=lambda p: (abs(p - clean_pts[i]), p)))
+
+    for frame, i in zip(got.frames.numpy(), got.indices):
+        assert np.array_equal(frame, images[nearest(i)]), i
+    # frames 25 <- 24, 26 <- 24 (a tie with 28), 27 <- 28, 41 <- 40 (a tie with 42)
+    assert [clean_pts.index(decodable[nearest(i)]) for i in (25, 26, 27, 41)] == [24, 24, 28, 40]
+    # sampled frames come from the timestamps, so the damage does not move them
+    video = VideoFrames([("d", path)], n_frames=20)[0]
+    assert video.indices == VideoFrames([("c", damaged_clips["clean"])], n_frames=20)[0].indices
+    assert video.decoder == "pyav" and video.filled == 1  # frame 25 of 1, 4, ..., 58
+
+    wrecked = damaged_clips["wrecked"]
+    with pytest.raises(VideoReadError, match=r"corrupt or truncated video data: 3 of 20 sampled frames decoded "
+                                             r"\(15%\), below the minimum of 50%"):
+        read_video(wrecked, n=20)
+    failure = VideoFrames([("w", wrecked)], n_frames=20, min_decodable=0.2)[0]
+    assert failure.reason.startswith("corrupt or truncated video data: 3 of 20") and "20%" in failure.reason
+    kept = VideoFrames([("w", wrecked)], n_frames=20, min_decodable=0.15)[0]
+    assert kept.filled == 17 and kept.frames.shape == (20, 48, 64, 3)
+
+
+def test_the_loader_counts_and_logs_fallbacks_filled_frames_and_skips(damaged_clips, caplog):
+    items = [("clean", damaged_clips["clean"]), ("damaged", damaged_clips["damaged"]),
+             ("wrecked", damaged_clips["wrecked"])]
+    loader = VideoLoader(VideoFrames(items, n_frames=20), num_workers=0)
+    with caplog.at_level("INFO", logger="data.video"):
+        assert [v.id for v in loader] == ["clean", "damaged"]
+    # the wrecked file went to PyAV too, but it is a skip (a failure), not a video read by the fallback
+    assert set(loader.fallbacks) == {"damaged"} and loader.filled == {"damaged": 1}
+    assert "3 of 20 sampled frames decoded (15%)" in loader.failures["wrecked"]
+    text = caplog.text
+    assert "'damaged'" in text and "read with PyAV" in text and "1 of its 20 sampled frames did not decode" in text
+    assert "video 'wrecked' skipped" in text
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_a_file_cut_short_keeps_its_length_and_counts_the_lost_frames(damaged_clips, tmp_path, suffix):
+    """An interrupted download with its header in front (MP4 with the index first; Matroska): the header declares
+    2 s, the data stops after about 35 frames. decord fails on the MP4 and reads the Matroska file as a 1.2 s
+    video; both are sampled over their declared length, the frames after the cut counting as not decoded."""
+    import av
+    from data.video import read_video
+    whole = tmp_path / f"whole{suffix}"
+    with av.open(str(damaged_clips["clean"])) as source, \
+            av.open(str(whole), "w", options={"movflags": "faststart"} if suffix == ".mp4" else {}) as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[:int(whole.stat().st_size * 0.6)])
+    got, want = read_video(cut, n=6), read_video(whole, n=6)
+    assert want.decoder == "decord" and got.decoder == "pyav"
+    assert got.n_video_frames == want.n_video_frames == 60 and got.indices[:3] == want.indices[:3]
+    # the lost frames' times are not in the file: they are placed at the average frame spacing (Matroska's 1 ms
+    # clock rounds the real ones), so a sample after the cut may land one frame off
+    assert all(abs(a - b) <= 1 for a, b in zip(got.indices, want.indices)) and len(got.indices) == 6
+    assert got.decoded == [True, True, True, False, False, False] and got.filled == 3
+    assert torch.equal(got.frames[:3], want.frames[:3])
+    last_decoded = pyav_frames(cut)[1][-1]  # the nearest decoded frame to everything after the cut
+    assert all(np.array_equal(f, last_decoded) for f in got.frames[3:].numpy())
+    assert got.times[:3] == pytest.approx(want.times[:3], abs=1e-6) and got.times[-1] < 2.0
+
+
+def test_audio_running_past_the_video_is_not_a_cut(damaged_clips, tmp_path):
+    """Matroska declares only the whole file's duration: audio 0.3 s longer than the video must not make the
+    video look cut short (under 0.5 s is tolerated there)."""
+    import av
+    from data.video import read_video
+    path = tmp_path / "with_audio.mkv"
+    with av.open(str(damaged_clips["clean"])) as source, av.open(str(path), "w") as out:
+        video = out.add_stream_from_template(source.streams.video[0])
+        audio = out.add_stream("pcm_s16le", rate=8000, layout="mono")
+        for packet in source.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = video
+                out.mux(packet)
+        for k in range(23):  # 2.3 s of silence; the video lasts 2 s
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = 8000, 800 * k
+            for packet in audio.encode(frame):
+                out.mux(packet)
+        for packet in audio.encode():
+            out.mux(packet)
+    for decoder in ("auto", "pyav"):
+        got = read_video(path, n=6, decoder=decoder)
+        assert got.decoder == ("decord" if decoder == "auto" else "pyav") and got.filled == 0
+        assert got.n_video_frames == 60 and got.indices == [4, 15, 25, 34, 45, 55]
+
+
+def test_extraction_counts_fallbacks_and_filled_frames(tmp_path, damaged_clips, capsys):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("clean", "damaged", "wrecked"):
+        (folder / f"{name}.mp4").write_bytes(damaged_clips[name].read_bytes())
+    write_timed_video(folder / "av1.mp4", [i / 30 for i in range(45)], codec=av1_encoder())
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_VIT_CONFIG))
+    args = ["features", "--videos-dir", str(folder), "--out", str(tmp_path / "s"), "--model", TINY, "--model-config",
+            str(config), "--pretrained", "none", "--n-frames", "20", "--num-workers", "1", "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["extracted"] == 3 and summary["failed"] == 1 and summary["failed_ids"] == ["wrecked"]
+    assert summary["decoder_fallbacks"] == 2 and summary["decoder_fallback_ids"] == ["av1", "damaged"]
+    assert summary["filled_frames"] == 1 and summary["videos_with_filled_frames"] == 1
+    store = FeatureStore(tmp_path / "s")
+    assert "3 of 20 sampled frames decoded (15%)" in store.failures()["wrecked"]
+    notes = store.notes()
+    assert set(notes) == {"av1", "damaged"}
+    assert notes["damaged"]["decoder"] == "pyav" and notes["damaged"]["filled_frames"] == 1
+    assert notes["damaged"]["sampled_frames"] == 20 and "cannot decode" in notes["damaged"]["fallback"]
+    assert notes["av1"]["filled_frames"] == 0 and "cannot open" in notes["av1"]["fallback"]
+    assert store.metadata["sampling"]["timestamps"] == "pts" and store.shape("av1") == (20, 32)
+    # a lower bar takes the wrecked video on the next run; the others are already done
+    assert main(args + ["--min-decodable", "0.1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["extracted"] == 1 and summary["skipped"] == 3 and summary["filled_frames"] == 17
+    assert FeatureStore(tmp_path / "s").notes()["wrecked"]["filled_frames"] == 17
+    with pytest.raises(SystemExit):
+        main(args + ["--min-decodable", "1.5"])
+
+
+def test_a_store_of_the_frame_index_rule_is_not_resumed(tmp_path, demo):
+    """A store written before sampling by timestamps (the metadata it recorded then) is refused, not extended
+    with frames picked by the new rule."""
+    from data.features import FeatureWriter
+    from data.video import video_feature_metadata
+    videos = dict(sorted(find_videos(demo["videos_tv"]).items())[:1])
+    old = video_feature_metadata(TINY, None, TINY_VIT_CONFIG, n_frames=4)
+    old["sampling"] = {"n_frames": 4, "min_frames": 1, "window": "whole video"}
+    old["decoder"] = "decord"
+    del old["damaged_frames"]
+    FeatureWriter(tmp_path / "old", old).close()
+    with pytest.raises(ValueError, match=r"other settings(.|\n)*sampling: store has .*this writer has .*\"pts\""):
+        extract_video_features(videos, tmp_path / "old", n_frames=4, num_workers=0, **TINY_KW)
 
 
 # ------------------------------------------------------------------------------------------------ features
