@@ -608,7 +608,8 @@ def _read_ids(path: str) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.features", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data.features",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("images", help="CLIP ResNet grid features (before attention pooling) of an image folder")
     p.add_argument("--images-dir", required=True)
@@ -655,5 +656,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+# What a command of data/ reports as a user's mistake (a missing folder or store, a damaged shard, a store made
+# with other settings, repeated ids): one line, exit status 2, as every command of the project; tracebacks are
+# left to bugs.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, StoreError)
+
+
+def run_cli(main, errors: tuple = USER_ERRORS) -> int:
+    try:
+        return main()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

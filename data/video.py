@@ -1489,7 +1489,8 @@ def parse_share(text: str) -> float:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.video", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data.video",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("features", help="per-frame CLIP features of a folder of videos (VALUE's recipe by default)")
     p.add_argument("--videos-dir", required=True)
@@ -1540,7 +1541,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     videos = find_videos(args.videos_dir, args.glob, _read_ids(args.ids) if args.ids else None)
     if not videos:
-        raise SystemExit(f"no videos in {args.videos_dir} (glob {args.glob or 'video suffixes'})")
+        raise FileNotFoundError(f"no videos in {args.videos_dir} (glob {args.glob or 'video suffixes'})")
     model_config = None
     if args.model_config:
         with open(args.model_config, encoding="utf-8") as f:
@@ -1558,4 +1559,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .features import USER_ERRORS, run_cli
+    sys.exit(run_cli(main, USER_ERRORS + (VideoDecodeError,)))

@@ -131,7 +131,8 @@ def build(verbose: bool = False) -> Optional[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.deepspeed_ops", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.deepspeed_ops",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("command", choices=("build", "check", "dir"),
                         help="build: compile DeepSpeed's CPU op for this environment (set-up); check: the launch "
                              "scripts' pre-flight (a stale build lock is an error), building the op if missing; "

@@ -30,7 +30,8 @@ def run_dir(default: Path, overrides: Sequence[str] = ()) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.demo",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run-dir", help="print the folder a demo run trains in")
     p.add_argument("default", type=Path)

@@ -16,6 +16,8 @@ CASES = {
     "recipes.vlm.merge": ([MISSING, "--out", "OUT"], f"config file {MISSING}/config.yaml not found"),
     "recipes.vlbart.evaluate": ([MISSING], f"config file {MISSING}/config.yaml not found"),
     "recipes.inspect": ([MISSING], f"model: {MISSING} not found"),
+    "data.features": (["info", MISSING], f"{MISSING} is not a feature store (no store.json)"),
+    "data.video": (["features", "--videos-dir", MISSING, "--out", "OUT"], f"video folder {MISSING} not found"),
 }
 
 
