@@ -68,7 +68,7 @@ def dora_decomposition_delta(module: DoRALinear) -> DecompositionDelta:
     """
     if module.merged:
         raise ValueError("unmerge the module first: the analysis needs W0")
-    w = module.weight
+    w = module.dense_weight()
     rows = max(1, _CHUNK_ELEMENTS // w.shape[1])
     f64 = torch.float64
     w2, cross = [], []

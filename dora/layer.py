@@ -119,15 +119,23 @@ def factored_row_norm(
     Differentiable in lora_A and lora_B (the non-detached variant); `weight_sq_norm` is ||W||^2 per row
     when the caller has it cached.
     """
-    acc = _accumulation_dtype(weight)
     w2 = squared_row_norm(weight) if weight_sq_norm is None else weight_sq_norm
+    # (out, r): the base GEMM applied to the r rows of A. A low-precision W stays in its dtype (the GEMM
+    # accumulates in fp32); only the small product is upcast.
+    cross = None if lora_A is None else weight @ lora_A.to(weight.dtype).t()
+    return row_norm_from_parts(w2, cross, lora_A, lora_B, scaling, _accumulation_dtype(weight))
+
+
+def row_norm_from_parts(w2: torch.Tensor, cross: Optional[torch.Tensor], lora_A: Optional[torch.Tensor],
+                        lora_B: Optional[torch.Tensor], scaling: float,
+                        acc: torch.dtype = torch.float32) -> torch.Tensor:
+    """||W + s*B@A|| per row from ||W||^2 per row and W A^T (out, r): the two things the norm needs of W, so that
+    a base W that is only reachable through its own forward (a quantized layer) gives them too."""
     tiny = torch.finfo(torch.float32).tiny
     if lora_A is None:
         return w2.clamp_min(tiny).sqrt()
     B = lora_B.to(acc)
-    # (out, r): the base GEMM applied to the r rows of A. A low-precision W stays in its dtype (the GEMM
-    # accumulates in fp32); only the small product is upcast.
-    cross = (weight @ lora_A.to(weight.dtype).t()).to(acc)
+    cross = cross.to(acc)
     gram = lora_A.to(acc) @ lora_A.to(acc).t()  # (r, r)
     # n2 = ||W||^2 + rowsum(B * (2s (W A^T) + s^2 B (A A^T)))
     n2 = torch.linalg.vecdot(B, torch.addmm(cross, B, gram, beta=2.0 * scaling, alpha=scaling * scaling)).add_(w2)
@@ -471,6 +479,19 @@ class DoRALinear(nn.Module):
                 f"(apply_dora, load_adapter, import_peft) outside inference_mode, and run only forwards under it")
         if not magnitude_only:
             rank, alpha = _validated_rank(rank), _validated_alpha(alpha)
+        self._set_options(in_features, out_features, rank, alpha, dropout, dropout_mode, magnitude_only, detach_norm,
+                          rslora, inplace_safe)
+        factory = {"device": device, "dtype": dtype}
+        if adapter_dtype is None:
+            adapter_dtype = dtype if dtype in (None, torch.float32, torch.float64) else torch.float32
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self._make_adapter(device, adapter_dtype)
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def _set_options(self, in_features, out_features, rank, alpha, dropout, dropout_mode, magnitude_only, detach_norm,
+                     rslora, inplace_safe) -> None:
         if dropout_mode not in DROPOUT_MODES:
             raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
         if not 0.0 <= dropout < 1.0:
@@ -486,26 +507,21 @@ class DoRALinear(nn.Module):
         self.inplace_safe = bool(inplace_safe)
         self.scaling = 0.0 if magnitude_only else (alpha / math.sqrt(rank) if rslora else alpha / rank)
 
-        factory = {"device": device, "dtype": dtype}
-        if adapter_dtype is None:
-            adapter_dtype = dtype if dtype in (None, torch.float32, torch.float64) else torch.float32
-        adapter = {"device": device, "dtype": adapter_dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        if magnitude_only:
+    def _make_adapter(self, device, dtype) -> None:
+        """lora_A, lora_B (none when magnitude-only) and the magnitude, uninitialised; the norm caches."""
+        adapter = {"device": device, "dtype": dtype}
+        if self.magnitude_only:
             self.register_parameter("lora_A", None)
             self.register_parameter("lora_B", None)
         else:
-            self.lora_A = nn.Parameter(torch.empty(rank, in_features, **adapter))
-            self.lora_B = nn.Parameter(torch.empty(out_features, rank, **adapter))
-        self.magnitude = nn.Parameter(torch.empty(out_features, **adapter))
+            self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **adapter))
+            self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank, **adapter))
+        self.magnitude = nn.Parameter(torch.empty(self.out_features, **adapter))
         self.merged = False
         self._merge_norm: Optional[torch.Tensor] = None  # the norm at merge time; exact unmerge needs it
         self.norm_computations = 0  # how many times the row norm was computed (observability and tests)
         self._w2_cache, self._norm_cache, self._gm1_cache = _NormCache(), _NormCache(), _NormCache()
         self._small_scale_cache = _NormCache()  # whether some |g| < _SMALL_SCALE, a Python bool
-        if self.weight.device.type != "meta":
-            self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------- creation
     @classmethod
@@ -553,7 +569,7 @@ class DoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
         self.invalidate_norm_cache()
-        self.magnitude.copy_(squared_row_norm(self.weight).sqrt())
+        self.magnitude.copy_(self._weight_sq_norm().sqrt())
 
     def extra_repr(self) -> str:
         kind = "magnitude_only" if self.magnitude_only else f"rank={self.rank}, alpha={self.alpha:g}"
@@ -581,31 +597,47 @@ class DoRALinear(nn.Module):
     def _adapter_factors(self) -> tuple:
         return () if self.lora_A is None else (self.lora_A, self.lora_B)
 
+    # What the norm needs of W0, and all it needs: ||W0||^2 per row and W0 A^T. A subclass whose base is reachable
+    # only through its own forward (dora/quantized.py) gives these two another way.
+    def _base_sq_norm(self) -> torch.Tensor:
+        return squared_row_norm(self.weight)
+
+    def _base_cross(self, lora_A: torch.Tensor) -> torch.Tensor:
+        return self.weight @ lora_A.to(self.weight.dtype).t()
+
+    def dense_weight(self) -> torch.Tensor:
+        """W0 as a dense (out, in) tensor, for readers such as the weight-decomposition analysis."""
+        return self.weight
+
     def _weight_sq_norm(self) -> torch.Tensor:
         w = self.weight
         if torch.compiler.is_compiling():
-            return squared_row_norm(w)
+            return self._base_sq_norm()
         stamp = self._cache_stamp()
         w2 = self._w2_cache.get((w,), stamp)
         if w2 is None:
             with torch.no_grad():
-                w2 = self._w2_cache.put(squared_row_norm(w), (w,), stamp)
+                w2 = self._w2_cache.put(self._base_sq_norm(), (w,), stamp)
         return w2
+
+    def _row_norm(self, lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor]) -> torch.Tensor:
+        cross = None if lora_A is None else self._base_cross(lora_A)
+        return row_norm_from_parts(self._weight_sq_norm(), cross, lora_A, lora_B, self.scaling,
+                                   _accumulation_dtype(self.weight))
 
     def weight_norm(self, differentiable: bool = False) -> torch.Tensor:
         """||W0 + s*B@A||_row in fp32. Cached unless `differentiable` (the non-detached variant)."""
         if differentiable:
             self.norm_computations += 1
-            return factored_row_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self._weight_sq_norm())
+            return self._row_norm(self.lora_A, self.lora_B)
         if torch.compiler.is_compiling():
-            factors = [None if t is None else t.detach() for t in (self.lora_A, self.lora_B)]
-            return factored_row_norm(self.weight, *factors, self.scaling, self._weight_sq_norm())
+            return self._row_norm(*[None if t is None else t.detach() for t in (self.lora_A, self.lora_B)])
         sources = (self.weight, *self._adapter_factors())
         stamp = self._cache_stamp()
         norm = self._norm_cache.get(sources, stamp)
         if norm is None:
             with torch.no_grad():
-                norm = factored_row_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self._weight_sq_norm())
+                norm = self._row_norm(self.lora_A, self.lora_B)
             self._norm_cache.put(norm, sources, stamp)
             self.norm_computations += 1
         return norm

@@ -28,6 +28,7 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch.nn as nn
 
 from .layer import DROPOUT_MODES, DoRALinear, _validated_alpha, _validated_rank
+from .quantized import QuantizedDoRALinear, is_quantized_linear
 
 
 class TargetingError(ValueError):
@@ -191,7 +192,9 @@ def apply_dora(
                     raise TargetingError(
                         f"rule {i} (match={rules[i].match!r}) matches {name!r}, a {type(module).__name__}; "
                         f"DoRA rules must select nn.Linear modules only")
-                if type(module).forward is not nn.Linear.forward:  # e.g. a MoE router returning (scores, logits)
+                # a Linear subclass with its own forward: a MoE router returning (scores, logits) is refused; a
+                # quantized Linear (bitsandbytes) is wrapped through its own forward (dora/quantized.py)
+                if type(module).forward is not nn.Linear.forward and not is_quantized_linear(module):
                     raise TargetingError(
                         f"rule {i} (match={rules[i].match!r}) matches {name!r}, a {type(module).__name__}: an "
                         f"nn.Linear subclass with its own forward, which a DoRA layer would replace by a plain "
@@ -236,7 +239,8 @@ def apply_dora(
         p.requires_grad_(False)
     for name, linear, i in chosen:
         rule = rules[i]
-        layer = DoRALinear.from_linear(linear, rule.rank, rule.alpha, **rule.layer_options())
+        kind = QuantizedDoRALinear if is_quantized_linear(linear) else DoRALinear
+        layer = kind.from_linear(linear, rule.rank, rule.alpha, **rule.layer_options())
         setattr(*_parent(model, name), layer)
     for row in rows:
         row.trainable = sum(_numel(p) for n in row.matched for p in _adapter_parameters(model.get_submodule(n)))
