@@ -210,3 +210,32 @@ class QuantizedDoRALinear(DoRALinear):
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear.train(self.training)
+
+
+@torch.no_grad()
+def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) -> int:
+    """Replace every quantized Linear left in `model` (the layers no rule adapted) by a dense nn.Linear holding its
+    dequantized weight, in `dtype` (default: its compute dtype): a model to save and serve without bitsandbytes.
+    Returns how many were replaced. Drops `quantization_config` from the model's configs."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not is_quantized_linear(module):
+            continue
+        weight = dequantized_weight(module)
+        target = dtype or getattr(module, "compute_dtype", None) or weight.dtype
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=weight.device, dtype=target)
+        dense.weight.copy_(weight)
+        if module.bias is not None:
+            dense.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense.train(module.training))
+        replaced += 1
+    for config in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    return replaced

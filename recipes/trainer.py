@@ -173,15 +173,23 @@ def resolve_precision(name: str) -> str:
     return name
 
 
-def deepspeed_config(path: str | Path, *, micro: int, accumulation: int, world: int, max_grad_norm: float,
-                     precision: str, hidden_size: int) -> dict:
-    """A launch/ DeepSpeed JSON with its "auto" values filled in the way the HF integration fills them."""
+def read_deepspeed_json(path: str | Path) -> dict:
+    """A DeepSpeed JSON as written (relative to the current folder, else one shipped in the repository)."""
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {path} not found")
-    cfg = json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def deepspeed_config(path: str | Path, *, micro: int, accumulation: int, world: int, max_grad_norm: float,
+                     precision: str, hidden_size: int) -> dict:
+    """A launch/ DeepSpeed JSON with its "auto" values filled in the way the HF integration fills them."""
+    cfg = read_deepspeed_json(path)
     fill = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,

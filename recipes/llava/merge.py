@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from dora import load_adapter, unload_dora
+from dora.quantized import dequantize_linears
 from recipes.config import ConfigError, load_config, section
-from recipes.llava.model import LlavaModelConfig, build_llava
+from recipes.llava.model import LlavaModelConfig, build_llava, resolve_dtype
 
 
 def merge_run(run_dir: Path, out: Path, with_adapter: bool = True, dtype: str | None = None) -> Path:
@@ -31,8 +32,10 @@ def merge_run(run_dir: Path, out: Path, with_adapter: bool = True, dtype: str | 
     model, tokenizer, image_processor = build_llava(LlavaModelConfig(**model_section))
     if with_adapter:
         load_adapter(model, run_dir / "adapter")
-        unload_dora(model)
-    model.eval()
+        unload_dora(model)  # a quantized base (model.quantization) is dequantized, then merged
+    target = resolve_dtype(model_section.get("dtype", "auto"))
+    dequantize_linears(model, target)  # what no rule adapted of a quantized base: dense too
+    model.to(target).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

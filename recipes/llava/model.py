@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from data.conversation import IMAGE_TOKEN
+from recipes.quantization import bitsandbytes_config, load_device
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class LlavaModelConfig:
     dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
+    quantization: Optional[dict] = None  # {bits: 4, type: nf4, double_quant, compute_dtype}: QDoRA (recipes/quantization.py)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -95,17 +97,19 @@ def build_llava(config: LlavaModelConfig):
     """Returns (model, tokenizer, image_processor)."""
     dtype = resolve_dtype(config.dtype)
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    quantization = bitsandbytes_config(config.quantization, dtype)
+    quantized = {"quantization_config": quantization, **load_device()} if quantization else {}
     if config.llava:
         if config.llm or config.vision_tower or config.projector:
             raise ModelConfigError("give either model.llava or model.llm + model.vision_tower (+ projector)")
-        model = LlavaForConditionalGeneration.from_pretrained(config.llava, dtype=dtype, **extra)
+        model = LlavaForConditionalGeneration.from_pretrained(config.llava, dtype=dtype, **extra, **quantized)
         tokenizer = load_tokenizer(config.llava)
         image_processor = AutoImageProcessor.from_pretrained(config.llava)
         if model.config.image_token_id != tokenizer.convert_tokens_to_ids(IMAGE_TOKEN):
             raise ModelConfigError(f"{config.llava}: the tokenizer's {IMAGE_TOKEN} id differs from the model's "
                                    f"image_token_id {model.config.image_token_id}")
     elif config.llm and config.vision_tower:
-        model, tokenizer, image_processor = _assemble(config, dtype, extra)
+        model, tokenizer, image_processor = _assemble(config, dtype, extra, quantized)
     else:
         raise ModelConfigError("the model section needs model.llava, or model.llm and model.vision_tower")
     if config.gradient_checkpointing:
@@ -114,15 +118,17 @@ def build_llava(config: LlavaModelConfig):
     return model, tokenizer, image_processor
 
 
-def _assemble(config: LlavaModelConfig, dtype, extra):
+def _assemble(config: LlavaModelConfig, dtype, extra, quantized):
     tokenizer = load_tokenizer(config.llm)
-    llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype, **extra)
+    llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype, **extra, **quantized)
     tower = CLIPVisionModel.from_pretrained(config.vision_tower, dtype=dtype)
     image_processor = AutoImageProcessor.from_pretrained(config.vision_tower)
     vision = tower.config
     llava_config = LlavaConfig(
         vision_config=vision.to_dict() | {"model_type": vision.model_type},
-        text_config=llm.config.to_dict() | {"model_type": llm.config.model_type},
+        # (a quantized LLM's config holds its quantization_config: the LLaVA config is not the quantized one)
+        text_config={k: v for k, v in llm.config.to_dict().items() if k != "quantization_config"}
+        | {"model_type": llm.config.model_type},
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(vision.image_size // vision.patch_size) ** 2,
         projector_hidden_act="gelu",

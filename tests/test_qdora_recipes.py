@@ -1,0 +1,89 @@
+"""QDoRA in the LLaVA recipe: `model.quantization` a config key away. The demo LLaVA's language model loads in NF4,
+trains under DeepSpeed ZeRO-2 in 1 and 2 processes with the same losses, merges (dequantized, then merged) and
+answers through `eval generate` as the quantized model with its adapter does; ZeRO-3 is refused with the stage to
+use."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import subprocesses
+from test_llava_training import free_port, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+QUANTIZATION = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "fp32"}
+
+
+def qdora_config(assets, out: Path, **train) -> Path:
+    path = write_config(assets, out, **train)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["quantization"] = QUANTIZATION
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train(config: Path, processes: int):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    script = str(ROOT / "recipes/llava/train.py")
+    cmd = [sys.executable, script, str(config)] if processes == 1 else [
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(processes), "--master_port",
+        str(free_port()), script, str(config)]
+    return subprocesses.run(cmd, what=f"LLaVA QDoRA training, {processes} process(es)", timeout=600, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def qdora_run(llava_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qdora") / "one"
+    done = train(qdora_config(llava_assets, out, deepspeed="launch/zero2.json"), 1)
+    assert done.returncode == 0, subprocesses.output(done)
+    return out
+
+
+def test_the_language_model_trains_in_4_bits_in_one_and_two_processes(llava_assets, qdora_run, tmp_path):
+    from dora import apply_dora
+    from dora.quantized import QuantizedDoRALinear
+    from recipes.llava.model import LlavaModelConfig, build_llava
+
+    one = json.loads((qdora_run / "train_summary.json").read_text())["losses"]
+    assert one[-1] < one[0]
+    two = train(qdora_config(llava_assets, tmp_path / "two", deepspeed="launch/zero2.json"), 2)
+    assert two.returncode == 0, subprocesses.output(two)
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["losses"] == pytest.approx(one, rel=1e-5)
+    config = yaml.safe_load((qdora_run / "config.yaml").read_text())
+    model = build_llava(LlavaModelConfig(**config["model"]))[0]
+    apply_dora(model, config["dora"]["rules"], config["dora"]["train_fully"], verbose=False)
+    layers = [m for n, m in model.named_modules() if n.startswith("model.language_model.layers.")
+              and isinstance(m, QuantizedDoRALinear)]
+    assert len(layers) == 14 and all(type(m.base_layer).__name__ == "Linear4bit" for m in layers)
+    tower = [m for n, m in model.named_modules() if n.startswith("model.vision_tower") and n.endswith("_proj")]
+    assert tower and all(type(m) is torch.nn.Linear for m in tower)  # the vision tower stays in its dtype
+
+
+def test_zero3_is_refused_with_the_stage_to_use(llava_assets, tmp_path):
+    done = train(qdora_config(llava_assets, tmp_path / "z3", deepspeed="launch/zero3.json"), 1)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, subprocesses.output(done)
+    assert "error: model.quantization: DeepSpeed ZeRO-3 cannot partition 4-bit / 8-bit weights; train with ZeRO-2" \
+        in done.stderr
+
+
+def test_merged_and_quantized_base_with_adapter_answer_alike(llava_assets, qdora_run, tmp_path):
+    from eval.cli import main as eval_main
+    from recipes.llava.merge import merge_run
+
+    merged = merge_run(qdora_run, tmp_path / "merged")
+    base = merge_run(qdora_run, tmp_path / "base", with_adapter=False)  # the dequantized 4-bit base
+    saved = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in saved and "quantization_config" not in saved["text_config"]
+    answers = {}
+    for name, extra in (("merged", ["--model", str(merged)]),
+                        ("adapter", ["--model", str(base), "--adapter", str(qdora_run / "adapter")])):
+        out = tmp_path / f"{name}.jsonl"
+        assert eval_main(["generate", *extra, "--questions", str(llava_assets["questions"]), "--image-folder",
+                          str(llava_assets["images"]), "--out", str(out), "--max-new-tokens", "4",
+                          "--batch-size", "4"]) == 0
+        answers[name] = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(answers["merged"]) == 12 and answers["merged"] == answers["adapter"]
