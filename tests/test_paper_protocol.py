@@ -318,3 +318,56 @@ def test_the_configs_answer_parsing_reaches_the_value_submission(tmp_path, monke
     assert json.loads((tmp_path / "out/tvqa/t.json").read_text()) == {"0": 3, "1": 1}
     assert json.loads((tmp_path / "out/how2qa/h.json").read_text()) == {"0": -1, "1": 1}  # no key: exact
     assert written["tvqa"]["answer_parsing"] == "official"
+
+
+# ------------------------------------------------------------------------------------------------ the configs
+IMAGE_CONFIGS = ["vlbart_image_dora", "vlbart_image_lora", "vlbart_image_full"]
+VIDEO_CONFIGS = ["vlbart_video_dora", "vlbart_video_lora", "vlbart_video_full"]
+OFFICIAL_PREDICT = {"vqa": GREEDY, "gqa": GREEDY, "nlvr": {"mode": "choose"}, "caption": BEAM,
+                    "tvqa": BEAM, "how2qa": BEAM, "tvc": BEAM, "yc2c": BEAM}
+# scripts/image/dora.sh, scripts/video/dora.sh (DoRA); scripts/{image,video}/{single_lora,full_finetuning}.sh
+# (VL_adapter): --lr, --epochs
+OFFICIAL_LR_EPOCHS = {"vlbart_image_dora": (1e-3, 20), "vlbart_image_lora": (1e-3, 20), "vlbart_image_full": (1e-4, 20),
+                      "vlbart_video_dora": (2.4e-4, 7), "vlbart_video_lora": (3e-4, 7), "vlbart_video_full": (3e-5, 7)}
+
+
+@pytest.mark.parametrize("name", IMAGE_CONFIGS + VIDEO_CONFIGS)
+def test_vlbart_paper_config_is_the_official_run(name):
+    from recipes.config import load_config
+    from recipes.vlbart.tasks import task_configs
+
+    config = load_config(ROOT / f"recipes/vlbart/configs/{name}.yaml")
+    train = TrainConfig.from_dict(config["train"])
+    # no --fp16 in any script: fp32 (precision auto would train bf16 on a bf16 GPU)
+    assert (train.precision, config["model"]["dtype"]) == ("fp32", "fp32")
+    # trainer_base.py: transformers.optimization.AdamW(groups, lr, eps=args.adam_eps), betas and correct_bias default;
+    # get_linear_schedule_with_warmup; --warmup_ratio 0.1, --clip_grad_norm 5, weight_decay 0.01
+    assert (train.optimizer, train.adam_eps, tuple(train.adam_betas)) == ("adamw_hf", 1e-6, (0.9, 0.999))
+    assert (train.weight_decay, train.scheduler, train.warmup_ratio, train.max_grad_norm) == (0.01, "linear", 0.1, 5.0)
+    assert train.warmup_rounding == "floor"  # warmup_iters = int(t_total * warmup_ratio)
+    assert (train.lr, train.epochs) == OFFICIAL_LR_EPOCHS[name]
+    tasks = task_configs(config)
+    for task_name, task in tasks.items():
+        assert task.predict == OFFICIAL_PREDICT[task_name], task_name
+        # --use_tasks_prompts (every script but image full_finetuning.sh): multitask.py's prompts, GQA's typo included
+        prompts = {"gqa": "gpa: "} if name != "vlbart_image_full" else {}
+        want = "" if name == "vlbart_image_full" else prompts.get(task_name, f"{task_name}: ")
+        assert task.prompt == want, task_name
+    if name in IMAGE_CONFIGS:
+        assert set(tasks) == {"vqa", "gqa", "nlvr", "caption"}
+        # the paper's VQAv2 column: multitask.py's test path prints VQAEvaluator.evaluate_raw's overall
+        assert tasks["vqa"].score["protocol"] == "vlt5"
+        # vqa_clip_data.py: a label whose scores sum to 0 trains the answer '' with score 0
+        assert tasks["vqa"].empty_labels == "zero_weight"
+    else:
+        assert set(tasks) == {"tvqa", "how2qa", "tvc", "yc2c"}
+        # video/*_data.py: tokenizer.encode(f"{sent} {prompt}", max_length=600, truncation=True): the end is cut
+        assert all((t.truncate, t.max_input_length) == ("right", 600) for t in tasks.values())
+        # multitask_video.py: p = int(pred['answer'][1]), 0 when that fails
+        assert tasks["tvqa"].submit["answer_parsing"] == tasks["how2qa"].submit["answer_parsing"] == "official"
+
+
+def test_llava_keeps_bf16_where_the_official_script_used_it():
+    """DoRA's visual_instruction_tuning/Dora_7b.sh trains with --bf16 True: only VL-BART moved to fp32."""
+    from recipes.config import load_config
+    assert load_config(ROOT / "recipes/llava/configs/llava_v1_5_7b_dora.yaml")["train"]["precision"] == "bf16"
