@@ -149,7 +149,8 @@ def main(argv=None) -> int:
                       args.batch_size, args.allow_partial)
     for name, r in result["details"].items():
         beside = r["scores"].get("gt_vision_accuracy")
-        also = f"   (GT-Vision vqaEval.py: {100 * beside:.2f})" if beside is not None else ""
+        after = " after EvalAI processing" if r["scores"].get("gt_vision_prediction_processing") == "evalai" else ""
+        also = f"   (GT-Vision vqaEval.py{after}: {100 * beside:.2f})" if beside is not None else ""
         print(f"{name:<10} {r['metric']:<45} {r['score']:8.2f}{also}")
     print(json.dumps(result["scores"]))
     return 0
