@@ -148,22 +148,46 @@ def draw_answer(answers: dict[str, float], rng: random.Random) -> tuple[str, flo
     return answer, answers[answer]
 
 
+# What training does with an example whose label holds no answer with a positive score (VQAv2's `label: {}`):
+# "zero_weight" trains it with the empty answer and weight 0, as the reference does (it still counts in its batch's
+# mean); "drop" leaves it out; "refuse" stops with an error naming them.
+EMPTY_LABELS = ("zero_weight", "drop", "refuse")
+
+
+def has_answer(example: Example) -> bool:
+    return any(s > 0 for s in example.answers.values())
+
+
 class TaskDataset(torch.utils.data.Dataset):
     """One task's examples as model inputs. With `train`, each example carries a target: drawn from its answers
-    with a generator seeded by (seed, epoch, index), so that every process, worker and resumed run draws the same."""
+    with a generator seeded by (seed, epoch, index), so that every process, worker and resumed run draws the same.
+    `empty_labels` (EMPTY_LABELS) says what becomes of training examples without a positive-score answer;
+    `empty_label_count` is how many there were."""
 
     def __init__(self, task: str, examples: Sequence[Example], features: FeatureLookup, tokenizer, *,
                  prompt: str, max_input_length: Optional[int] = None, max_target_length: Optional[int] = None,
-                 train: bool = True, seed: int = 0, frames: Optional[int] = None, truncate: str = "context"):
+                 train: bool = True, seed: int = 0, frames: Optional[int] = None, truncate: str = "context",
+                 empty_labels: str = "zero_weight"):
         self.task, self.examples, self.features, self.tokenizer = task, list(examples), features, tokenizer
         self.prompt, self.max_input_length, self.max_target_length = prompt, max_input_length, max_target_length
         self.train, self.seed, self.epoch = train, seed, 0
         self.frames, self.truncate = frames, truncate  # video: features resized to `frames` time steps
+        self.empty_labels, self.empty_label_count = empty_labels, 0
+        if empty_labels not in EMPTY_LABELS:
+            raise ValueError(f"empty_labels must be one of {EMPTY_LABELS}, not {empty_labels!r}")
         if train:
-            unlabelled = [e.id for e in self.examples if not e.answers]
+            unlabelled = [e.id for e in self.examples if e.answers is None]
             if unlabelled:
-                raise TaskDataError(f"task {task}: {len(unlabelled)} training examples have no answer "
+                raise TaskDataError(f"task {task}: {len(unlabelled)} training examples have no label "
                                     f"(first: {unlabelled[:3]})")
+            empty = [e.id for e in self.examples if not has_answer(e)]
+            self.empty_label_count = len(empty)
+            if empty and empty_labels == "refuse":
+                raise TaskDataError(f"task {task}: {len(empty)} training examples have no answer with a positive "
+                                    f"score (first: {empty[:3]}); tasks.{task}.empty_labels: zero_weight trains them "
+                                    f"with weight 0 as the reference does, drop leaves them out")
+            if empty and empty_labels == "drop":
+                self.examples = [e for e in self.examples if has_answer(e)]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

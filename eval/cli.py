@@ -14,8 +14,8 @@ from pathlib import Path
 from .answer_log import merge_shards
 from .captions import METRICS as CAPTION_METRICS
 from .files import InputError, check_writable, write_text
-from .submission import SUBMISSIONS
-from .tasks import TASKS, TVC_PROTOCOLS, TaskOptions, score
+from .submission import ANSWER_PARSINGS, SUBMISSIONS
+from .tasks import TASKS, TVC_PROTOCOLS, VQA_PROTOCOLS, TaskOptions, score
 
 
 def _flatten(value: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prediction-processing", choices=["evalai", "none"], default=TaskOptions.prediction_processing,
                    help="vqav2/vizwiz: pass predictions through the EvalAI answer processor first, as LLaVA and "
                         "lmms-eval do before submitting (default), or score the raw text (official scorer only)")
+    s.add_argument("--protocol", choices=VQA_PROTOCOLS, default=TaskOptions.protocol,
+                   help="vqav2: 'gt-vision' (default: GT-Vision-Lab's vqaEval.py, after --prediction-processing) or "
+                        "'vlt5' (VL-T5's VQAEvaluator.evaluate_raw, which scored the VL-BART papers' VQAv2 numbers: "
+                        "the prediction always normalised, the human answers only punctuation-processed and only when "
+                        "they disagree; its 2-decimal rounding). Both numbers are printed with vlt5.")
     s.add_argument("--split", default="test", help="scienceqa: pid_splits split; coco_caption: Karpathy split")
     s.add_argument("--splits", help="scienceqa: pid_splits.json when it is not next to problems.json")
     s.add_argument("--circular", action="store_true",
@@ -90,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True, type=Path)
     w.add_argument("--circular", action="store_true",
                    help="mmbench: for a TSV without rotated copies, add them (predictions needed for index + k*1000000)")
+    w.add_argument("--answer-parsing", choices=ANSWER_PARSINGS, default="exact",
+                   help="tvqa/how2qa: 'exact' (default: only 'a{k}' is an answer, anything else is written as -1) or "
+                        "'official' (NVlabs/DoRA's int(text[1]), 0 when that fails: 'a3.' -> 3, as the paper's "
+                        "submissions were made)")
 
     sub.add_parser("tasks", help="list the tasks, their splits and metrics")
 
@@ -123,7 +132,8 @@ def main(argv=None) -> int:
             options = TaskOptions(allow_partial=args.allow_partial, prediction_processing=args.prediction_processing,
                                   split=args.split, splits=args.splits, circular=args.circular,
                                   meteor=not args.no_meteor, questions=args.questions,
-                                  lenient_answers=args.lenient_answers, tvc_protocol=args.tvc_protocol)
+                                  lenient_answers=args.lenient_answers, tvc_protocol=args.tvc_protocol,
+                                  protocol=args.protocol)
             result = score(args.task, args.pred, args.gt, options)
             _print_scores(result)
             if args.out:
@@ -131,6 +141,10 @@ def main(argv=None) -> int:
         elif args.command == "submit":
             check_writable(args.out)
             extra = {"circular": args.circular} if args.task == "mmbench" else {}
+            if args.task in ("tvqa", "how2qa"):
+                extra["answer_parsing"] = args.answer_parsing
+            elif args.answer_parsing != "exact":
+                raise InputError(f"--answer-parsing applies to tvqa and how2qa, not {args.task}")
             info = SUBMISSIONS[args.task](args.pred, args.questions, args.out, **extra)
             print(json.dumps(info))
     except InputError as e:

@@ -6,7 +6,8 @@
 - MMBench test (OpenCompass): the question TSV without hint/category/source/image/comment/l2-category columns,
   plus a "prediction" column, as .xlsx.
 - VALUE (TVQA, How2QA, TVC, YC2C test; VALUE-Leaderboard/EvaluationTools 10fc2d4 README and sample submission):
-  TVQA / How2QA `{task}_test[_public]_predictions.json` = {"qid": answer index}; TVC / YC2C
+  TVQA / How2QA `{task}_test[_public]_predictions.json` = {"qid": answer index} (the index read from the answer
+  text by ANSWER_PARSINGS); TVC / YC2C
   `{task}_test_predictions.jsonl`, one {"vid_name", "clip_id", ("ts" for TVC), "descs": [{"desc": caption}]} per
   clip. The server takes a zip with one folder per task holding its val and test files.
 """
@@ -137,20 +138,40 @@ def _covered(predictions: Path, preds: dict, ids: list[str], questions: Path, wh
                          f"needs all of them")
 
 
+# How a VALUE QA answer text becomes the submitted index:
+# "official": NVlabs/DoRA's multitask_video.py, int(text[1]), 0 when that fails ("a3." -> 3, "b7" -> 7, "a" -> 0):
+#   what produced the paper's test numbers;
+# "exact": only an exact "a{k}" with k a choice is an answer (the rule the val scorers apply); any other text is
+#   written as -1, which the server counts wrong, rather than a guessed index.
+ANSWER_PARSINGS = ("official", "exact")
+
+
+def value_answer_index(text: str, n_choices: int, parsing: str) -> int:
+    if parsing == "official":
+        try:
+            return int(text[1])
+        except (IndexError, ValueError):
+            return 0
+    m = re.fullmatch(r"a(\d)", text)
+    return int(m.group(1)) if m and int(m.group(1)) < n_choices else -1
+
+
 def _value_qa_submission(n_choices: int):
-    def write(predictions: Path, questions: Path, out: Path) -> dict:
-        """{qid: index}. Only an exact "a{k}" is an answer (the rule the scorers apply); any other text is
-        written as -1, which the server counts wrong, and counted here."""
+    def write(predictions: Path, questions: Path, out: Path, answer_parsing: str = "exact") -> dict:
+        """{qid: index}, the index read from the answer by `answer_parsing` (ANSWER_PARSINGS); the answers that
+        are not exactly "a{k}" are counted."""
+        if answer_parsing not in ANSWER_PARSINGS:
+            raise InputError(f"answer parsing must be one of {ANSWER_PARSINGS}, not {answer_parsing!r}")
         preds = read_predictions(predictions).text
         qids = [str(r["qid"]) for r in _value_records(questions, "qid")]
         _covered(predictions, preds, qids, questions, "questions")
         answers, other = {}, 0
         for qid in qids:
-            m = re.fullmatch(r"a(\d)", preds[qid])
-            answers[qid] = int(m.group(1)) if m and int(m.group(1)) < n_choices else -1
-            other += answers[qid] == -1
+            answers[qid] = value_answer_index(preds[qid], n_choices, answer_parsing)
+            other += value_answer_index(preds[qid], n_choices, "exact") == -1
         write_text(out, json.dumps(answers))
-        return {"questions": len(qids), "non_canonical_answers": other, "file": str(out)}
+        return {"questions": len(qids), "non_canonical_answers": other, "answer_parsing": answer_parsing,
+                "file": str(out)}
     return write
 
 

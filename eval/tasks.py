@@ -28,6 +28,9 @@ from .readers import (
 from .textvqa import match_textvqa
 
 TVC_PROTOCOLS = ("value", "per-description")
+# VQAv2: "gt-vision" (GT-Vision-Lab's vqaEval.py, as LLaVA's numbers) or "vlt5" (VL-T5's evaluate_raw, which
+# scored the VL-BART papers' VQAv2 numbers)
+VQA_PROTOCOLS = ("gt-vision", "vlt5")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class TaskOptions:
     # TVC / YC2C: "value" (the VALUE server, which scored the paper's video table) or "per-description" (what
     # NVlabs/DoRA's VL-BART code reports on val during training)
     tvc_protocol: str = "value"
+    protocol: str = "gt-vision"  # vqav2 only: VQA_PROTOCOLS
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Outcome:
     headline: float
     coverage: Coverage
     notes: list[str] = field(default_factory=list)
+    headline_x100: Optional[float] = None  # the score exactly as an official scorer rounds it, when it does
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,17 @@ def _vqa_like(reader):
     def run(pred, gt, opt):
         answers, aliases = reader(gt)
         matched, cov = match_ids(read_predictions(pred), answers, opt.allow_partial, aliases)
-        acc = _mean(vqa.vqa_score(matched[q], answers[q], opt.prediction_processing) for q in matched)
-        return Outcome({"accuracy": acc, "prediction_processing": opt.prediction_processing}, acc, cov)
+        gt_vision = _mean(vqa.vqa_score(matched[q], answers[q], opt.prediction_processing) for q in matched)
+        if opt.protocol == "gt-vision":
+            return Outcome({"accuracy": gt_vision, "prediction_processing": opt.prediction_processing}, gt_vision, cov)
+        # summed in prediction-file order, as evaluate_raw sums its dict of predictions: the rounding is its own
+        per_question = [vqa.vlt5_vqa_score(matched[q], answers[q]) for q in matched]
+        acc = _mean(per_question)
+        return Outcome({"accuracy": acc, "protocol": "vlt5", "gt_vision_accuracy": gt_vision,
+                        "gt_vision_prediction_processing": opt.prediction_processing}, acc, cov,
+                       headline_x100=vqa.vlt5_overall(per_question))
     return run
+
 
 
 def _run_textvqa(pred, gt, opt):
@@ -189,7 +202,7 @@ def _run_value_captions(pred, gt, opt):
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("vqav2", "val (test-dev: server)", "v2_mscoco_val2014_annotations.json, or VL-T5 karpathy_test.json",
-         "VQA accuracy (official)", "EvalAI server for test-dev",
+         "VQA accuracy (official; --protocol vlt5: VL-T5's)", "EvalAI server for test-dev",
          _vqa_like(lambda gt: (read_vqav2_answers(gt), {}))),
     Task("vizwiz", "val (test: server)", "VizWiz val.json (question id = image file name)",
          "VQA accuracy (official)", "EvalAI server for test", _vqa_like(read_vizwiz_answers)),
@@ -222,7 +235,13 @@ def score(task: str, predictions: Path, ground_truth: Path, options: TaskOptions
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     t = TASKS[task]
+    if options.protocol not in VQA_PROTOCOLS:
+        raise InputError(f"--protocol must be one of {VQA_PROTOCOLS}, got {options.protocol!r}")
+    if options.protocol != TaskOptions.protocol and task != "vqav2":
+        raise InputError(f"--protocol {options.protocol} applies to vqav2 only, not {task}")  # not silently ignored
     outcome = t.run(Path(predictions), Path(ground_truth), options)
-    return {"task": task, "metric": t.metric, "score": 100 * outcome.headline, "scores": outcome.scores,
+    headline = outcome.headline_x100 if outcome.headline_x100 is not None else 100 * outcome.headline
+    metric = "VQA accuracy (VL-T5 evaluate_raw)" if outcome.scores.get("protocol") == "vlt5" else t.metric
+    return {"task": task, "metric": metric, "score": headline, "scores": outcome.scores,
             "coverage": outcome.coverage.to_dict(), "notes": outcome.notes, "predictions": str(predictions),
             "ground_truth": str(ground_truth)}

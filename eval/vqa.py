@@ -11,6 +11,9 @@ Per question, with the ten human answers:
 LLaVA and lmms-eval pass predictions through the EvalAI answer processor before writing a submission
 (`evalai_normalize`); `vqa_score(..., prediction_processing="evalai")` scores what such a submission would get.
 TextVQA's scorer (`textvqa_score`, as in LLaVA's m4c evaluator) applies the EvalAI processor to both sides.
+
+VL-T5's own scorer (`VQAEvaluator.evaluate_raw` in j-min/VL-T5 and NVlabs/DoRA, which produced the VL-BART papers'
+VQAv2 numbers) applies another rule: `vlt5_vqa_score`.
 """
 from __future__ import annotations
 
@@ -111,6 +114,29 @@ def vqa_score(prediction: str, answers: Sequence[str], prediction_processing: Pr
         gts = [normalize_answer(a) for a in gts]
         pred = normalize_answer(pred)
     return _leave_one_out(pred, gts)
+
+
+def vlt5_vqa_score(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy as VL-T5's `VQAEvaluator.evaluate_raw` computes it (the number the DoRA paper's VL-BART table
+    reports): the prediction always gets whitespace cleaning, punctuation and digit/article processing; the human
+    answers get no whitespace cleaning and only punctuation processing, and only when they are not all the same
+    string; then the same leave-one-out mean. So ten answers "two" and the prediction "two" score 0 (it becomes
+    "2"), and "Two" among disagreeing answers never matches (answers are not lowercased).
+
+    evaluate_raw writes the processed answers back into its ground truth; the paper's number is its first call on
+    a fresh ground truth, which is what this computes."""
+    if not answers:
+        raise ValueError("a VQA question needs at least one ground-truth answer")
+    pred = normalize_answer(clean_whitespace(prediction))
+    gts = list(answers)
+    if len(set(gts)) > 1:
+        gts = [process_punctuation(a) for a in gts]
+    return _leave_one_out(pred, gts)
+
+
+def vlt5_overall(scores: Sequence[float]) -> float:
+    """evaluate_raw's `overall`: the mean x100, rounded to 2 decimals."""
+    return round(100 * float(sum(scores)) / len(scores), 2)
 
 
 def _leave_one_out(pred: str, gts: Sequence[str]) -> float:

@@ -48,11 +48,13 @@ class TrainConfig:
     lr_groups: list = field(default_factory=list)  # [{match: regex on parameter names, lr: .., weight_decay: ..}]
     weight_decay: float = 0.0
     no_decay: Optional[list] = None  # regexes (full match) of parameters without weight decay; None: biases and norms
-    optimizer: str = "adamw"  # adamw | sgd (plain SGD: what the equivalence tests compare runs with)
+    optimizer: str = "adamw"  # adamw (torch's) | adamw_hf (transformers 4.x's form) | sgd (plain SGD: what the
+    # equivalence tests compare runs with)
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     scheduler: str = "cosine"  # cosine | linear | constant (all with linear warmup)
     warmup_ratio: float = 0.03
+    warmup_rounding: str = "ceil"  # warmup steps = ceil(ratio x steps), as HF's Trainer; floor: int(), as VL-T5's
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "auto"  # auto: bf16 on GPUs that have it, fp32 on CPU; or bf16 | fp16 | fp32
     tf32: bool = False  # allow TF32 matmuls on Ampere and newer GPUs (HF's --tf32)
@@ -277,8 +279,64 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     return list(groups.values())
 
 
+class TransformersAdamW(torch.optim.Optimizer):
+    """AdamW in the form of transformers 4.x's `transformers.optimization.AdamW` (what VL-T5 and NVlabs/DoRA's
+    VL-BART runs trained with; transformers 5 no longer has it). Two differences from torch's AdamW:
+    - eps is added to sqrt(v) before the bias correction: the step is
+      lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps), where torch's is
+      lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps); early steps and small gradients differ;
+    - weight decay is applied after the Adam step, to the updated weight: p -= lr * weight_decay * p.
+    `correct_bias=False` drops both bias corrections (BERT's TF form)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True):
+        if lr < 0 or eps < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid AdamW settings: lr {lr}, betas {betas}, eps {eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      correct_bias=correct_bias))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("TransformersAdamW does not take sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                scale = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t) if group["correct_bias"] else lr
+                p.addcdiv_(m, v.sqrt().add_(eps), value=-scale)
+                if decay > 0.0:
+                    p.add_(p, alpha=-lr * decay)  # the updated weight decays
+        return loss
+
+
+OPTIMIZERS = ("adamw", "adamw_hf", "sgd")
+
+
 def make_optimizer(groups: list[dict], config: TrainConfig, cpu_offload: bool = False):
-    """AdamW (DeepSpeed's CPU Adam when ZeRO offloads the optimizer to the CPU), or plain SGD."""
+    """AdamW (DeepSpeed's CPU Adam when ZeRO offloads the optimizer to the CPU), transformers 4.x's AdamW, or plain
+    SGD."""
+    if config.optimizer == "adamw_hf":
+        if cpu_offload:
+            raise ConfigError("train.optimizer adamw_hf runs on the device: use a DeepSpeed config without "
+                              "offload_optimizer (or train.optimizer adamw, DeepSpeed's CPU Adam)")
+        return TransformersAdamW(groups, lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
+                                 weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         if cpu_offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -288,7 +346,14 @@ def make_optimizer(groups: list[dict], config: TrainConfig, cpu_offload: bool = 
                                  weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, weight_decay=config.weight_decay)
-    raise ConfigError(f"train.optimizer must be adamw or sgd, not {config.optimizer!r}")
+    raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, not {config.optimizer!r}")
+
+
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    if config.warmup_rounding not in ("ceil", "floor"):
+        raise ConfigError(f"train.warmup_rounding must be ceil or floor, not {config.warmup_rounding!r}")
+    rounding = math.ceil if config.warmup_rounding == "ceil" else math.floor
+    return rounding(config.warmup_ratio * total_steps)
 
 
 def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
@@ -296,7 +361,7 @@ def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}.get(config.scheduler)
     if name is None:
         raise ConfigError(f"train.scheduler must be cosine, linear or constant, not {config.scheduler!r}")
-    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(config, total_steps),
                          num_training_steps=total_steps)
 
 

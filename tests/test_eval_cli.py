@@ -297,6 +297,33 @@ def test_mmbench_submission_adds_copies_only_to_a_tsv_without_them(tmp_path, cap
     assert code == 2 and "2 ids are not in" in text  # without --circular the file has no copies to answer
 
 
+def test_value_qa_submission_parses_answers_as_the_reference_when_asked(tmp_path, capsys):
+    """multitask_video.py writes int(pred['answer'][1]), 0 when that fails; `exact` (the CLI's default) writes -1
+    for anything but a{k}."""
+    from eval.submission import value_answer_index
+
+    table = {"a3": (3, 3), "a3.": (3, -1), "A1": (1, -1), "b2": (2, -1), "a9": (9, -1), "a": (0, -1), "": (0, -1),
+             " a3": (0, -1), "answer a2": (0, -1)}
+    for text, (official, exact) in table.items():
+        assert value_answer_index(text, 5, "official") == official, text
+        assert value_answer_index(text, 5, "exact") == exact, text
+    questions = tmp_path / "tvqa_test_release.jsonl"
+    questions.write_text("".join(json.dumps({"qid": i, "vid_name": "v", "q": "q", "ts": "0-1",
+                                             **{f"a{k}": "x" for k in range(5)}}) + "\n" for i in range(3)))
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("".join(json.dumps({"question_id": i, "text": t}) + "\n" for i, t in enumerate(["a3.", "a1", "x"])))
+    out = tmp_path / "tvqa_test_predictions.json"
+    assert main(["submit", "tvqa", "--pred", str(pred), "--questions", str(questions), "--out", str(out),
+                 "--answer-parsing", "official"]) == 0
+    assert json.loads(out.read_text()) == {"0": 3, "1": 1, "2": 0}
+    assert main(["submit", "tvqa", "--pred", str(pred), "--questions", str(questions), "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"0": -1, "1": 1, "2": -1}
+    capsys.readouterr()
+    assert main(["submit", "tvc", "--pred", str(pred), "--questions", str(questions), "--out", str(out),
+                 "--answer-parsing", "official"]) == 2
+    assert "--answer-parsing applies to tvqa and how2qa" in capsys.readouterr().err
+
+
 def test_value_submissions_in_the_servers_format(tmp_path, capsys):
     """VALUE-Leaderboard/EvaluationTools' sample submission: QA {qid: index}; captions one JSON line per clip."""
     def jsonl(path, rows):

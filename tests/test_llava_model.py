@@ -99,6 +99,8 @@ def test_paper_config_is_the_official_run():
     assert (train.lr, train.lr_groups[0]["lr"], train.epochs, train.global_batch_size) == (2e-4, 2e-5, 1, 128)
     assert (train.weight_decay, train.warmup_ratio, train.scheduler, train.precision) == (0.0, 0.03, "cosine", "bf16")
     assert train.tf32 and train.group_by_modality_length and config["data"]["model_max_length"] == 2048
+    # transformers 4.31's TrainingArguments: optim "adamw_hf" (transformers' AdamW), adam_epsilon 1e-8, betas default
+    assert (train.optimizer, train.adam_eps, tuple(train.adam_betas)) == ("adamw_hf", 1e-8, (0.9, 0.999))
     ds = deepspeed_config(train.deepspeed, micro=4, accumulation=4, world=8, max_grad_norm=train.max_grad_norm,
                           precision="bf16", hidden_size=4096)
     assert ds["gradient_clipping"] == 0 and ds["zero_optimization"]["stage"] == 3  # the official run never clipped

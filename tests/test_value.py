@@ -83,6 +83,60 @@ def test_truncation_cuts_the_subtitles_first_never_the_question_or_choices(tok):
     assert encode_with_context(tok, "[Subs] hi", text, "tvqa: ", 600) == tok(f"[Subs] hi {text} tvqa: ")["input_ids"]
 
 
+def official_video_input(task: str, record: dict, subtitles: list[dict], n_choices: int = 5) -> str:
+    """The text NVlabs/DoRA's video/{tvqa,how2qa,tvc,yc2c}_data.py (7e2f10a) encode, written from their rules."""
+    subs = "[Subs] " + " ".join(f"{t['text'].strip()}" for t in subtitles)
+    if task in ("tvqa", "how2qa"):
+        choices = "[Choices] " + " ".join(f"a{i}: {record[f'a{i}'].strip('. ')}." for i in range(n_choices))
+        parts = [subs, f"[Q] {record['q'].strip()}", f"[TS] ({record['ts']})", choices]
+    elif task == "tvc":
+        parts = [subs, f"[TS] ({record['ts']})"]
+    else:
+        parts = [subs]
+    return " ".join(parts) + f" {task}: "
+
+
+def test_paper_config_builds_the_references_encoder_ids_for_over_length_inputs(tok, tmp_path):
+    """The video paper config's `truncate` gives, for inputs over its 600 tokens, the ids the reference builds:
+    tokenizer.encode(f"{sent} {prompt}", max_length=600, truncation=True), the end cut. (In a scratch folder the
+    same examples through transformers 4.2.1's slow BartTokenizer, as the reference ran, gave these ids too.)
+    The project's `context` cut gives other ids for them."""
+    from recipes.config import load_config
+    from recipes.vlbart.tasks import TaskConfig, read_examples
+
+    config = load_config(ROOT / "recipes/vlbart/configs/vlbart_video_dora.yaml")
+    words = "Chase : hello there how are you today House : no what colour does the square turn".split()
+    rng = __import__("random").Random(0)
+    subtitles = {f"v{i}": [{"text": " " + " ".join(rng.choice(words) for _ in range(8)) + " ", "start": 0.0, "end": 1.0}
+                           for _ in range(n)] for i, n in enumerate([2, 8, 150, 400])}  # under and over 600 tokens
+    subs_file = jsonl(tmp_path / "subs.jsonl", [{"vid_name": v, "sub": s} for v, s in subtitles.items()])
+    n_choices = {"tvqa": 5, "how2qa": 4}
+    for task in ("tvqa", "how2qa", "tvc", "yc2c"):
+        if task in n_choices:
+            records = [{"qid": i, "vid_name": v, "q": " What colour does the square turn? ", "ts": "0.10-2.00",
+                        **{f"a{k}": rng.choice(["Red.", " blue", "green..", "no one"]) for k in range(n_choices[task])},
+                        "answer_idx": 1} for i, v in enumerate(subtitles)]
+        else:
+            records = [{"clip_id": i, "vid_name": v, "ts": [1.5, 7.25], "descs": [{"desc": "d", "desc_id": i}]}
+                       for i, v in enumerate(subtitles)]
+        path = jsonl(tmp_path / f"{task}.jsonl", records)
+        section = dict(config["tasks"][task], test=str(path), subtitles=[str(subs_file)])
+        paper = TaskConfig.from_dict(task, section)
+        examples = read_examples(paper, "test")
+        want = [tok.encode(official_video_input(task, r, subtitles[r["vid_name"]], n_choices.get(task, 5)),
+                           max_length=600, truncation=True) for r in records]
+        over = [len(tok(official_video_input(task, r, subtitles[r["vid_name"]], n_choices.get(task, 5)))["input_ids"])
+                > 600 for r in records]
+        assert over == [False, False, True, True], (task, over)
+        for cut in (paper.truncate, "context"):
+            ds = TaskDataset(task, examples, FeatureLookup([]), tok, prompt=paper.prompt,
+                             max_input_length=paper.max_input_length, train=False, truncate=cut)
+            got = [ds.encode_input(e) for e in examples]
+            assert got[:2] == want[:2]  # within the limit both cuts are the reference's
+            assert (got[2:] == want[2:]) == (cut == "right"), (task, cut)
+        assert paper.truncate == "right"
+
+
 def test_video_features_are_resized_to_the_task_frames(tok):
     class Store:
         def __init__(self, frames):

@@ -538,3 +538,33 @@ def test_analysis_reads_the_runs_adapters_against_the_bart_it_started_from(asset
     model = load_run(out, with_adapter=False, device="cpu")[0]
     load_adapter(model, out / "adapter")
     assert_analysis_reads_the_run(assets["bart"], out, model)
+
+
+def test_evaluate_reports_vl_t5_s_vqa_number_beside_gt_vision_and_the_settings_that_ran(single_run, tmp_path, capsys):
+    """A run whose VQA task is scored as the paper configs score it (protocol vlt5) and decodes with their pinned
+    greedy settings: evaluate prints what generate ran with, and VL-T5's number (eval's, on the same predictions)
+    with GT-Vision's beside it."""
+    import shutil
+
+    from eval.tasks import TaskOptions, score
+    from recipes.vlbart.evaluate import main
+
+    out, _ = single_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("eval*", "checkpoints"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    paper = yaml.safe_load((ROOT / "recipes/vlbart/configs/vlbart_image_dora.yaml").read_text())["tasks"]["vqa"]
+    config["tasks"]["vqa"]["predict"] = paper["predict"]
+    config["tasks"]["vqa"]["score"]["protocol"] = paper["score"]["protocol"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(run), "--tasks", "vqa", "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert ("predict vqa: generate: do_sample=False, num_beams=1, max_length=20, min_length=0, no_repeat_ngram_size=3, "
+            "early_stopping=None (from the model), length_penalty=None (from the model), forced_bos_token_id=None, "
+            "forced_eos_token_id=None; strip=False") in printed  # early_stopping / length_penalty: beam search only
+    vlt5 = score("vqav2", run / "eval/predictions_vqa.jsonl", Path(config["tasks"]["vqa"]["score"]["gt"]),
+                 TaskOptions(protocol="vlt5"))
+    assert json.loads(printed.strip().splitlines()[-1]) == {"vqa": round(vlt5["score"], 2)}
+    assert "VQA accuracy (VL-T5 evaluate_raw)" in printed
+    beside = 100 * vlt5["scores"]["gt_vision_accuracy"]  # as the score section asks: EvalAI-processed predictions
+    assert f"(GT-Vision vqaEval.py after EvalAI processing: {beside:.2f})" in printed

@@ -6,9 +6,12 @@
     python -m recipes.vlbart.evaluate RUN_DIR --submit DIR    # server files for the tasks with a `submit` section
 
 RUN_DIR is a training run's output_dir (config.yaml, tokenizer/, adapter/ or trainable.safetensors). For each task
-with a `test` file and a `score` section it writes DIR/predictions_{task}.jsonl ({"question_id", "text"}: the id
-is the question id, the NLVR2 identifier, or the image id for captions), scores it with `eval`'s scorer for the
-task, prints a table and writes DIR/scores.json; the last line printed is the scores as JSON.
+with a `test` file and a `score` section it prints the settings its predictions run with (generation: each
+setting pinned by the config or taken from the backbone), writes DIR/predictions_{task}.jsonl ({"question_id",
+"text"}: the id is the question id, the NLVR2 identifier, or the image id for captions), scores it with `eval`'s
+scorer for the task, prints a table and writes DIR/scores.json; the last line printed is the scores as JSON. A VQA
+task scored with `protocol: vlt5` (the paper configs) reports VL-T5's number, the paper's column, with the
+GT-Vision number beside it.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from data.vlbart import VLCollator
 from recipes.config import load_config, section
-from recipes.vlbart.tasks import TaskConfig, predict_batch, prediction_rows, task_configs, task_dataset
+from recipes.vlbart.tasks import (TaskConfig, generation_settings, predict_batch, prediction_rows, task_configs,
+                                  task_dataset)
 
 
 def load_run(run: Path, with_adapter: bool = True, device=None):
@@ -63,6 +67,8 @@ def predict(model, tokenizer, task: TaskConfig, batch_size: int, progress: bool 
     from tqdm.auto import tqdm
 
     dataset = task_dataset(task, tokenizer, "test", feat_dim=model.visual_config.feat_dim)
+    if progress:
+        print(f"predict {task.name}: {generation_settings(model, task)}", flush=True)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=VLCollator(tokenizer.pad_token_id))
     device = next(model.parameters()).device
     rows = []
@@ -96,6 +102,7 @@ def evaluate(run: Path, out: Path, tasks: list[str] | None = None, with_adapter:
         options = {k: v for k, v in task.score.items() if k not in ("task", "gt")}
         options.setdefault("allow_partial", allow_partial)
         results[name] = score(task.score["task"], path, Path(task.score["gt"]), TaskOptions(**options))
+        results[name]["predict"] = generation_settings(model, task)
     summary = {name: round(r["score"], 2) for name, r in results.items()}
     (out / "scores.json").write_text(json.dumps({"scores": summary, "details": results,
                                                  "seconds": round(time.perf_counter() - start, 1)}, indent=1))
@@ -103,7 +110,8 @@ def evaluate(run: Path, out: Path, tasks: list[str] | None = None, with_adapter:
 
 
 def write_submissions(run: Path, out: Path, batch_size: int = 64) -> dict:
-    """For every task with a `submit` section ({questions: the test file, file: the name the server wants}),
+    """For every task with a `submit` section ({questions: the test file, file: the name the server wants, and for
+    TVQA / How2QA answer_parsing: official | exact}),
     predictions on the test file written as `python -m eval submit TASK` writes them: out/TASK/FILE (VALUE wants
     one folder per task, zipped)."""
     from dataclasses import replace
@@ -122,8 +130,9 @@ def write_submissions(run: Path, out: Path, batch_size: int = 64) -> dict:
         questions = Path(task.submit["questions"])
         rows = predict(model, tokenizer, replace(task, test=str(questions)), batch_size)
         write_jsonl(out / f"predictions_{name}_submit.jsonl", rows)
-        written[name] = SUBMISSIONS[kind](out / f"predictions_{name}_submit.jsonl", questions,
-                                          out / name / task.submit.get("file", f"{name}_test_predictions.json"))
+        extra = {"answer_parsing": task.submit["answer_parsing"]} if "answer_parsing" in task.submit else {}
+        file = out / name / task.submit.get("file", f"{name}_test_predictions.json")
+        written[name] = SUBMISSIONS[kind](out / f"predictions_{name}_submit.jsonl", questions, file, **extra)
     return written
 
 
@@ -147,7 +156,10 @@ def main(argv=None) -> int:
     result = evaluate(args.run, out, args.tasks.split(",") if args.tasks else None, not args.no_adapter,
                       args.batch_size, args.allow_partial)
     for name, r in result["details"].items():
-        print(f"{name:<10} {r['metric']:<45} {r['score']:8.2f}")
+        beside = r["scores"].get("gt_vision_accuracy")
+        after = " after EvalAI processing" if r["scores"].get("gt_vision_prediction_processing") == "evalai" else ""
+        also = f"   (GT-Vision vqaEval.py{after}: {100 * beside:.2f})" if beside is not None else ""
+        print(f"{name:<10} {r['metric']:<45} {r['score']:8.2f}{also}")
     print(json.dumps(result["scores"]))
     return 0
 

@@ -13,12 +13,19 @@ A task section of a config:
       max_target_length: 10
       loss: example                   # example: mean per example, then over the batch | token: over all tokens
       score_weighted: true            # weight each example's loss by its answer's score (VQA)
+      empty_labels: zero_weight       # a label without a positive-score answer ({}): zero_weight | drop | refuse
       predict: {mode: generate, num_beams: 1, max_length: 20}     # or {mode: choose} (NLVR2: true vs false)
       score: {task: vqav2, gt: datasets/vqa/karpathy_test.json}   # how `python -m eval` scores the predictions
       submit: {questions: ..., file: ...}   # optional: the server-only test split, written by evaluate --submit
 
 Video tasks add `subtitles` (VALUE's subtitle files), `frames` (features resized to 64 time steps) and `truncate`
 (context: the subtitles are cut first to fit max_input_length; right: the end is cut, as the reference did).
+
+`predict` holds transformers' generate arguments (num_beams, max_length, no_repeat_ngram_size, early_stopping,
+length_penalty, min_length, forced_bos_token_id, forced_eos_token_id, ...); what it leaves out comes from the
+backbone's generation config, and `python -m recipes.vlbart.evaluate` prints the settings that ran. Besides them:
+`mode` (generate | choose), `answers` (choose: the candidates) and `strip` (default true: strip the decoded text;
+the reference kept it as decoded).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from data.vlbart import (
+    EMPTY_LABELS,
     IGNORE_INDEX,
     NLVR_ANSWERS,
     PROMPTS,
@@ -69,6 +77,7 @@ class TaskConfig:
     subtitles: list = field(default_factory=list)  # video tasks: VALUE's subtitle files
     frames: Optional[int] = None  # video tasks: features resized to this many time steps (64)
     truncate: str = "context"  # video tasks: "context" (subtitles cut first) or "right" (the reference's cut)
+    empty_labels: str = "zero_weight"  # training examples without a positive-score answer: EMPTY_LABELS
 
     @classmethod
     def from_dict(cls, name: str, data: dict) -> "TaskConfig":
@@ -93,6 +102,8 @@ class TaskConfig:
             raise ConfigError(f"tasks.{name}.loss must be example or token, not {config.loss!r}")
         if config.predict.get("mode", "generate") not in ("generate", "choose"):
             raise ConfigError(f"tasks.{name}.predict.mode must be generate or choose")
+        if config.empty_labels not in EMPTY_LABELS:
+            raise ConfigError(f"tasks.{name}.empty_labels must be one of {EMPTY_LABELS}, not {config.empty_labels!r}")
         for key, known in (("predict", _predict_keys()), ("score", _score_keys())):
             unknown = set(getattr(config, key)) - known
             if unknown:
@@ -101,9 +112,10 @@ class TaskConfig:
 
 
 def _predict_keys() -> set[str]:
-    """`predict:` holds the mode, NLVR2's candidate answers, and generation settings (GenerationConfig's names)."""
+    """`predict:` holds the mode, NLVR2's candidate answers, `strip`, and generation settings (GenerationConfig's
+    names)."""
     from transformers import GenerationConfig
-    return {"mode", "answers"} | set(GenerationConfig().to_dict())
+    return set(NOT_GENERATE_OPTIONS) | set(GenerationConfig().to_dict())
 
 
 def _score_keys() -> set[str]:
@@ -176,7 +188,8 @@ def task_dataset(task: TaskConfig, tokenizer, split: str, seed: int = 0, feat_di
     examples, features = data or read_task_data(task, split, feat_dim)
     return TaskDataset(task.name, examples, features, tokenizer, prompt=task.prompt,
                        max_input_length=task.max_input_length, max_target_length=task.max_target_length,
-                       train=split == "train", seed=seed, frames=task.frames, truncate=task.truncate)
+                       train=split == "train", seed=seed, frames=task.frames, truncate=task.truncate,
+                       empty_labels=task.empty_labels)
 
 
 # --------------------------------------------------------------------------------------------------- loss
@@ -210,13 +223,37 @@ def predict_batch(model, tokenizer, batch: dict, task: TaskConfig, device) -> li
     """Answer texts for a batch: generated (greedy / beam), or the better of the task's candidate answers."""
     args = (batch["input_ids"].to(device), batch["attention_mask"].to(device),
             batch["vis_feats"].to(device, next(model.parameters()).dtype))
-    options = {k: v for k, v in task.predict.items() if k != "mode"}
     if task.predict.get("mode", "generate") == "choose":
-        answers = options.get("answers", list(NLVR_ANSWERS))
+        answers = task.predict.get("answers", list(NLVR_ANSWERS))
         candidates = tokenizer(answers, padding=True, return_tensors="pt")["input_ids"].to(device)
         return [answers[i] for i in model.choose(*args, candidates=candidates).tolist()]
-    out = model.generate(*args, **options)
-    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    out = model.generate(*args, **generate_options(task))
+    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    return [t.strip() for t in texts] if task.predict.get("strip", True) else texts
+
+
+NOT_GENERATE_OPTIONS = ("mode", "answers", "strip")
+# The settings that decide what generate returns, printed at evaluation with where each came from
+GENERATION_SETTINGS = ("do_sample", "num_beams", "max_length", "min_length", "no_repeat_ngram_size", "early_stopping",
+                       "length_penalty", "forced_bos_token_id", "forced_eos_token_id")
+
+
+def generate_options(task: TaskConfig) -> dict:
+    """The task's `predict` keys that are transformers' generate arguments."""
+    return {k: v for k, v in task.predict.items() if k not in NOT_GENERATE_OPTIONS}
+
+
+def generation_settings(model, task: TaskConfig) -> str:
+    """One line: what the task's predictions run with. Generation: each setting pinned by the config, or taken from
+    the backbone's generation config (marked "from the model")."""
+    if task.predict.get("mode", "generate") == "choose":
+        return f"choose among {task.predict.get('answers', list(NLVR_ANSWERS))} (first differing token's logits)"
+    pinned = generate_options(task)
+    defaults = model.backbone.generation_config
+    parts = [f"{k}={pinned[k]!r}" if k in pinned else f"{k}={getattr(defaults, k, None)!r} (from the model)"
+             for k in GENERATION_SETTINGS]
+    parts += [f"{k}={v!r}" for k, v in pinned.items() if k not in GENERATION_SETTINGS]
+    return "generate: " + ", ".join(parts) + f"; strip={task.predict.get('strip', True)}"
 
 
 def prediction_rows(ids: list[str], texts: list[str]) -> list[dict]:

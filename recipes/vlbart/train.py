@@ -123,6 +123,18 @@ def adapt(model, config: dict) -> str:
     return f"{method}: {trainable:,} of {total:,} parameters trained ({trainable / total:.3%})"
 
 
+def empty_label_lines(datasets: dict) -> list[str]:
+    """The start-up report of training examples without a positive-score answer, one line per task that has any."""
+    lines = []
+    for name, ds in datasets.items():
+        if ds.empty_label_count:
+            how = {"zero_weight": "trained with the empty answer and weight 0, as the reference",
+                   "drop": "left out"}[ds.empty_labels]
+            lines.append(f"tasks.{name}: {ds.empty_label_count:,} training examples have no answer with a positive "
+                         f"score (label {{}}): {how} (tasks.{name}.empty_labels: {ds.empty_labels})")
+    return lines
+
+
 def make_loss(tasks: dict[str, TaskConfig], feat_dim: int):
     def loss_fn(engine, batch):
         """Every rank runs the same modules in the same order: a batch whose samples were all skipped runs one
@@ -190,8 +202,10 @@ def main(argv=None) -> int:
                              f"{'' if trainer.batches.task_batch_sizes[n] * trainer.world == tasks[n].batch_size else f', rounded from {tasks[n].batch_size}'}"
                              f", {trainer.batches.batches_per_epoch(n)} steps)" for n, s in dataset.task_sizes.items())
         print(f"tasks: {per_task}; {trainer.world} processes; {trainer.steps_per_epoch} steps per epoch, "
-              f"{trainer.total_steps} in all; precision {trainer.precision}; ZeRO stage {trainer.zero_stage}",
-              flush=True)
+              f"{trainer.total_steps} in all; precision {trainer.precision}; ZeRO stage {trainer.zero_stage}; "
+              f"optimizer {train_cfg.optimizer}", flush=True)
+        for line in empty_label_lines(dataset.datasets):
+            print(line, flush=True)
     result = trainer.run()
     if result.paused:
         return 0
