@@ -87,3 +87,24 @@ def test_merged_and_quantized_base_with_adapter_answer_alike(llava_assets, qdora
                           "--batch-size", "4"]) == 0
         answers[name] = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     assert len(answers["merged"]) == 12 and answers["merged"] == answers["adapter"]
+
+
+def test_the_qdora_paper_config_is_the_dora_paper_config_on_a_4_bit_language_model():
+    from recipes.config import load_config
+    from recipes.llava.model import LlavaModelConfig
+    from recipes.quantization import bitsandbytes_config
+
+    dora = load_config(ROOT / "recipes/llava/configs/llava_v1_5_7b_dora.yaml")
+    qdora = load_config(ROOT / "recipes/llava/configs/llava_v1_5_7b_qdora.yaml",
+                        sections=("model", "dora", "data", "train"))
+    assert qdora["model"].pop("quantization") == {"bits": 4, "type": "nf4", "double_quant": True,
+                                                  "compute_dtype": "bf16"}
+    assert qdora["train"].pop("deepspeed") == "launch/zero2.json" and dora["train"].pop("deepspeed") != \
+        "launch/zero2.json"
+    assert qdora["train"].pop("output_dir") != dora["train"].pop("output_dir")
+    assert qdora == dora  # everything else is the paper's run
+    quant = bitsandbytes_config(load_config(ROOT / "recipes/llava/configs/llava_v1_5_7b_qdora.yaml")["model"]
+                                ["quantization"], torch.bfloat16)
+    assert quant.load_in_4bit and quant.bnb_4bit_use_double_quant and quant.bnb_4bit_compute_dtype == torch.bfloat16
+    assert "vision_tower" in quant.llm_int8_skip_modules and "multi_modal_projector" in quant.llm_int8_skip_modules
+    LlavaModelConfig(**qdora["model"])
