@@ -192,7 +192,9 @@ def test_too_many_skipped_samples_stop_the_run(llava_assets, tmp_path):
     config["data"]["image_folder"] = str(tmp_path / "no_such_folder")
     folder.write_text(yaml.safe_dump(config))
     proc = run_train(folder)
-    assert proc.returncode == 2 and "no_such_folder' not found" in proc.stderr, proc.stderr[-2000:]
+    # named by the pre-flight, before any model is built
+    assert proc.returncode == 2 and f"error: data.image_folder: folder {tmp_path / 'no_such_folder'} not found" \
+        in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_config_error_after_the_process_group_exists_exits_cleanly(llava_assets, tmp_path):
