@@ -151,6 +151,19 @@ def _encode_piece(tokenizer, text: str, base: int, content: Sequence[tuple[int, 
     return Encoding(out_ids, out_offsets)
 
 
+def encode_text(tokenizer, text: str, content: Sequence[tuple[int, int]], add_special_tokens: bool) -> Encoding:
+    """One tokenizer call over `text` in which special-token strings inside the `content` spans (the messages' own
+    text) stay text, as in `encode` (the generic recipe's rendering has no "<image>" pieces to split on)."""
+    return _encode_piece(tokenizer, text, 0, content, add_special_tokens, special_token_ids(tokenizer))
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """The tokenizer's named special tokens and every added token marked special (chat markers such as Gemma's
+    <end_of_turn> are often only the latter)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
 def encode(tokenizer, rendered: Rendered, image_token_id: int, add_special_tokens: bool = True) -> Encoding:
     """Token ids as LLaVA's `tokenizer_image_token` makes them: the text on either side of "<image>" is
     tokenized by its own call (the first one adds BOS), and the image token goes between. With vicuna's

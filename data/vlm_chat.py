@@ -6,12 +6,28 @@ and rules: `<image>` moved to the front of its turn, one image per sample). Each
 expands the image placeholder and returns every extra input its model needs (image_grid_thw, image_sizes,
 pixel_attention_mask, token_type_ids, ...), which go to the model untouched.
 
-Labels: the assistant turns, found as character spans of the rendered text (each turn's span runs from the end of
-the conversation rendered up to it with the generation prompt to the end of the conversation rendered up to and
-including it, so the end-of-turn marker the template writes after an answer is learned too), carried to the tokens
-of the unexpanded text by their offsets, and from there to the processor's expanded ids by aligning the two
-sequences (the expansion only inserts image tokens). A template whose renderings are not prefixes of each other,
-or labels that do not survive the alignment, make the sample a counted skip, never silently unlabeled.
+Labels (`render_chat`): each assistant reply and the end-of-turn marker the template writes after it, and nothing
+else. The rule needs no property of the template beyond "a message's text appears in the rendering, once, in order":
+- The conversation is rendered twice: as it is, and with every message's text replaced by a unique sentinel. The
+  sentinel rendering cuts the text into template pieces and message texts, so each reply's characters are known in
+  the real rendering (a template may `trim` a text: the real rendering is checked against the pieces, and a
+  template that changes a message's text otherwise, e.g. drops an earlier turn's reasoning, is a counted skip).
+- The end marker of a reply is what the template writes right after it both in the whole conversation and in the
+  conversation cut after that reply (their common prefix: "<|im_end|>" before the next turn, or at the very end),
+  without trailing whitespace: the separator before the next turn is not learned. Where that is only whitespace
+  (llava-1.5-hf ends a reply with " "), the tokenizer's EOS is written after the reply and learned in its place, as
+  LLaVA itself learns "</s>"; where it has no special token of the tokenizer (a hub revision of
+  llava-v1.6-mistral-hf writes the four characters `<\s>`), it is learned as text: `template_notes` says both once.
+- The generation prompt need not be a prefix of the conversation (LLaVA-OneVision prompts with
+  "<|im_start|>assistant\n" but writes "<|im_start|>assistant \n" inside one). Where it is, the characters between
+  its end and the reply are learned too, since the model writes them after the prompt (llava-1.5's prompt ends at
+  "ASSISTANT:" and the reply follows " ").
+Token ownership: a token carries its label when it covers a learned character and no character after its turn's
+learned span, so a sentencepiece "▁US" that starts on llava-1.5's separator and runs into the next "USER:" is not
+learned; one that starts in the template before a reply and runs into it ("▁It" of "ASSISTANT: It") is.
+Special-token strings typed inside a message stay text, as in the LLaVA recipe (`data.llava.encode_text`).
+The labels are carried from the tokens of the unexpanded text to the processor's expanded ids by aligning the two
+sequences (the expansion only inserts image tokens); labels that do not survive the alignment make a counted skip.
 
 Batches: the collator calls the processor on the whole micro-batch (it pads and stacks its own outputs), so no
 family-specific batching code is needed. A micro-batch without any image gets one extra row: a blank image with
@@ -22,17 +38,23 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
 
 from .conversation import IMAGE_TOKEN, ConversationError, parse_turns
-from .llava import IGNORE_INDEX, DataFormatError, RecordDataset, SampleError, SkipLog, load_records
+from .llava import (IGNORE_INDEX, DataFormatError, RecordDataset, SampleError, SkipLog, encode_text, load_records,
+                    special_token_ids)
 
 BLANK_IMAGE_SIZE = 32
+# Private-use characters: no template writes them and `trim` keeps them
+SENTINEL = "\ue000{}\ue001"
+SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 log = logging.getLogger(__name__)
 
 
@@ -57,23 +79,145 @@ def to_messages(turns) -> list[dict]:
     return messages
 
 
-def render_with_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation rendered by the processor's chat template, and the character spans to learn."""
-    def apply(msgs, prompt=False):
-        return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str
+    supervised: tuple[tuple[int, int], ...]  # character spans [start, end) to learn, one per reply
+    content: tuple[tuple[int, int], ...]  # character spans of every message's own text
+    end_markers: tuple[str, ...]  # what is learned after each reply: the template's marker, or the EOS written
+    eos_appended: bool = False  # the template writes no marker after a reply: the EOS was written after each
 
-    full = apply(messages)
-    spans = []
+
+def _sentinel_messages(messages: list[dict]) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The messages with each text item replaced by its sentinel, and (message index, text) per text item."""
+    out, texts = [], []
     for k, m in enumerate(messages):
-        if m["role"] != "assistant":
+        content = []
+        for part in m["content"]:
+            if part.get("type") == "text":
+                content.append({"type": "text", "text": SENTINEL.format(len(texts))})
+                texts.append((k, part["text"]))
+            else:
+                content.append(part)
+        out.append({**m, "content": content})
+    return out, texts
+
+
+def _locate_texts(real: str, pieces: list[str], texts: list[str]) -> list[tuple[int, int]]:
+    """Character spans of `texts` in `real` = pieces[0] + texts[0] + pieces[1] + ... (a text may be rendered trimmed)."""
+    spans, pos = [], 0
+    for i, text in enumerate(texts):
+        if not real.startswith(pieces[i], pos):
+            raise SampleError("template changes message text", "the template writes something else around a message "
+                                                               "than it writes around a placeholder")
+        pos += len(pieces[i])
+        for candidate in dict.fromkeys((text, text.strip())):
+            if real.startswith(candidate, pos) and real.startswith(pieces[i + 1], pos + len(candidate)):
+                spans.append((pos, pos + len(candidate)))
+                pos += len(candidate)
+                break
+        else:
+            raise SampleError("template changes message text", f"message text {i} is not in the rendering as written")
+    if real[pos:] != pieces[-1]:
+        raise SampleError("template changes message text", "the rendering ends differently")
+    return spans
+
+
+def render_chat(apply: Callable[[list[dict], bool], str], messages: list[dict],
+                eos_token: Optional[str]) -> RenderedChat:
+    """The conversation rendered by `apply(messages, add_generation_prompt)` and the characters to learn (see the
+    module docstring). Raises SampleError for a conversation the rule cannot label."""
+    for m in messages:
+        if m["role"] == "assistant" and not any(p.get("type") == "text" and p["text"].strip() for p in m["content"]):
+            raise SampleError("empty answer", "an assistant turn has no text (it would teach the end marker alone)")
+    marked, texts = _sentinel_messages(messages)
+    try:
+        real, template = apply(messages, False), apply(marked, False)
+    except Exception as e:  # jinja2's TemplateError, raise_exception(...), a template indexing a missing item
+        raise SampleError("template error", f"{type(e).__name__}: {e}") from None
+    parts = SENTINEL_RE.split(template)
+    pieces, order = parts[0::2], [int(i) for i in parts[1::2]]
+    if order != list(range(len(texts))):
+        raise SampleError("template changes message text", "the template leaves out, repeats or reorders messages")
+    spans = _locate_texts(real, pieces, [t for _, t in texts])
+
+    replies = []  # (learn from, reply end, end marker or None where the EOS is written)
+    for k, m in enumerate(messages):
+        items = [i for i, (owner, _) in enumerate(texts) if owner == k]
+        if m["role"] != "assistant" or not items:
             continue
-        before, upto = apply(messages[:k], prompt=True), apply(messages[:k + 1])
-        if not (full.startswith(upto) and upto.startswith(before)):
-            raise SampleError("template not prefix-stable",
-                              f"the chat template renders turn {k} differently inside the whole conversation")
-        if len(upto) > len(before):
-            spans.append((len(before), len(upto)))
-    return full, spans
+        first, last = items[0], items[-1]
+        try:
+            prompt, cut = apply(marked[:k], True), apply(marked[:k + 1], False)
+        except Exception as e:
+            raise SampleError("template error", f"{type(e).__name__}: {e}") from None
+        # the characters between the generation prompt and the reply, which the model writes after the prompt
+        before = template[:template.index(SENTINEL.format(first))]
+        gap = len(before) - len(prompt) if before.startswith(prompt) else 0
+        gap = gap if gap <= len(pieces[first]) else 0
+        # the end marker: written after the reply both here and where the conversation ends with this reply
+        sentinel = SENTINEL.format(last)
+        after_full = template[template.index(sentinel) + len(sentinel):]
+        after_cut = cut[cut.rindex(sentinel) + len(sentinel):] if sentinel in cut else ""
+        closing = os.path.commonprefix([after_full, after_cut]).rstrip()
+        if not closing.strip() and not eos_token:
+            raise SampleError("no end marker", "the template writes nothing after a reply and the tokenizer has no "
+                                               "EOS token to learn instead")
+        replies.append((spans[first][0] - gap, spans[last][1], closing if closing.strip() else None))
+
+    # write the EOS after each reply that has no marker; positions after it move
+    inserted = sorted(end for _, end, closing in replies if closing is None)
+
+    def moved(x: int, at_or_after: bool = False) -> int:
+        return x + len(eos_token or "") * sum(1 for p in inserted if p < x or (at_or_after and p == x))
+    for p in reversed(inserted):
+        real = real[:p] + eos_token + real[p:]
+    learned = tuple((moved(start, True), moved(end) + len(closing if closing is not None else eos_token))
+                    for start, end, closing in replies)
+    content = tuple((moved(a, True), moved(b)) for a, b in spans)
+    markers = tuple(closing if closing is not None else eos_token for _, _, closing in replies)
+    return RenderedChat(real, learned, content, markers, bool(inserted))
+
+
+def supervised_labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]],
+                      spans: Sequence[tuple[int, int]]) -> list[int]:
+    """A token is learned when it covers a character of a learned span and none after that span's end (see the
+    module docstring); tokens the tokenizer adds (empty offsets) never are."""
+    labels = []
+    for tok, (s, e) in zip(ids, offsets):
+        hit = e > s and any(s < b and e > a and e <= b for a, b in spans)
+        labels.append(tok if hit else IGNORE_INDEX)
+    return labels
+
+
+def template_notes(processor) -> list[str]:
+    """What a user should know about the processor's chat template before training on it, found by labelling a
+    small two-turn conversation: an EOS learned in place of a missing end marker, or a marker that is plain text."""
+    tokenizer = processor.tokenizer
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Is it red?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+                {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "No."}]}]
+    try:
+        rendered = render_chat(chat_renderer(processor), messages, tokenizer.eos_token)
+    except SampleError:
+        return []  # the template cannot label even this conversation: every sample will say why as a skip
+    if rendered.eos_appended:
+        return [f"the chat template writes no end-of-turn marker after an answer: the tokenizer's EOS "
+                f"{tokenizer.eos_token!r} is written after every answer and learned, so that the model learns to stop"]
+    special = special_token_ids(tokenizer)
+    for marker in dict.fromkeys(rendered.end_markers):
+        if not special & set(tokenizer(marker, add_special_tokens=False)["input_ids"]):
+            return [f"the chat template ends every answer with {marker.strip()!r}, which is not a special token of "
+                    f"the tokenizer: the model learns it as text and generation will not stop at it (a later "
+                    f"revision of the checkpoint's template may end answers with the EOS token)"]
+    return []
+
+
+def chat_renderer(processor) -> Callable[[list[dict], bool], str]:
+    def apply(messages: list[dict], add_generation_prompt: bool) -> str:
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return apply
 
 
 def add_special_tokens(tokenizer, text: str) -> bool:
@@ -113,6 +257,8 @@ class ChatDataset(RecordDataset):
         if getattr(processor, "chat_template", None) is None:
             raise DataFormatError("the processor has no chat template: save one with the processor "
                                   "(processor.chat_template = ...; processor.save_pretrained(dir))")
+        self.render = chat_renderer(processor)
+        self.notes = template_notes(processor)  # printed once at start-up by the recipe
 
     @property
     def modality_lengths(self) -> list[int]:
@@ -129,16 +275,15 @@ class ChatDataset(RecordDataset):
             messages = to_messages(parse_turns(record["conversations"], bool(image)))
         except ConversationError as e:
             raise SampleError("malformed record", str(e)) from None
-        text, spans = render_with_spans(self.processor, messages)
         tokenizer = self.processor.tokenizer
-        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens(tokenizer, text))
-        labels = [tok if e > s and any(s < end and e > start for start, end in spans) else IGNORE_INDEX
-                  for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+        rendered = render_chat(self.render, messages, tokenizer.eos_token)
+        enc = encode_text(tokenizer, rendered.text, rendered.content, add_special_tokens(tokenizer, rendered.text))
+        labels = supervised_labels(enc.ids, enc.offsets, rendered.supervised)
         if all(label == IGNORE_INDEX for label in labels):
             raise SampleError("no answer", "no assistant text to learn from")
         pil = self.open_image(image) if image else None
-        return {"id": record.get("id", index), "index": index, "text": text, "image": pil,
-                "ids": enc["input_ids"], "labels": labels}
+        return {"id": record.get("id", index), "index": index, "text": rendered.text, "image": pil,
+                "ids": enc.ids, "labels": labels}
 
     def open_image(self, relative: str) -> Image.Image:
         path = Path(self.config.image_folder) / relative

@@ -108,6 +108,8 @@ def main(argv=None) -> int:
                       hidden_size=hidden_size(model))
     out = Path(train_cfg.output_dir)
     if trainer.is_main:
+        for note in dataset.notes:  # what the chat template makes the labels do (data/vlm_chat.py)
+            print(f"note: {note}", flush=True)
         print(report.table(), flush=True)
         print(f"{type(model).__name__}: {len(dataset)} samples, {trainer.plan()}", flush=True)
     result = trainer.run()
