@@ -1,10 +1,11 @@
 """LLaVA-format conversations for any transformers image-text-to-text model, through the model's own processor.
 
 Records are LLaVA's ({"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}, `data.llava`'s reader
-and rules: `<image>` moved to the front of its turn, one image per sample). Each becomes chat messages with an
-{"type": "image"} item where `<image>` was, rendered by the processor's chat template; the processor then
-expands the image placeholder and returns every extra input its model needs (image_grid_thw, image_sizes,
-pixel_attention_mask, token_type_ids, ...), which go to the model untouched.
+and rules: one image's `<image>` moved to the front of its turn; "image" may also be a list of paths, whose
+placeholders stay where they are; placeholders and images must match, `record_messages`). Each becomes chat
+messages with an {"type": "image"} item where `<image>` was, rendered by the processor's chat template; the
+processor then expands the image placeholder and returns every extra input its model needs (image_grid_thw,
+image_sizes, pixel_attention_mask, token_type_ids, ...), which go to the model untouched.
 
 Labels (`render_chat`): each assistant reply and the end-of-turn marker the template writes after it, and nothing
 else. The rule needs no property of the template beyond "a message's text appears in the rendering, once, in order":
@@ -30,9 +31,10 @@ The labels are carried from the tokens of the unexpanded text to the processor's
 sequences (the expansion only inserts image tokens); labels that do not survive the alignment make a counted skip.
 
 Batches: the collator calls the processor on the whole micro-batch (it pads and stacks its own outputs), so no
-family-specific batching code is needed. A micro-batch without any image gets one extra row: a blank image with
-a one-word prompt and no labels. Under ZeRO-3 every process must run the same modules in the same order, and a
-family's forward runs its vision tower only when it has pixels; the extra row makes every micro-batch do so.
+family-specific batching code is needed beyond `processor_batch` (rows with images first; Mllama's per-row aspect
+ratios completed). A micro-batch without any image gets one extra row, first: a blank image with a one-word prompt
+and no labels. Under ZeRO-3 every process must run the same modules in the same order, and a family's forward runs
+its vision tower only when it has pixels; the extra row makes every micro-batch do so.
 """
 from __future__ import annotations
 
@@ -245,8 +247,55 @@ def align_labels(unexpanded: Sequence[int], labels: Sequence[int], expanded: Seq
     return out
 
 
+# Stands for "<image>" in a multi-image record while data.conversation reads it (it moves a single "<image>")
+IMAGE_MARK = "\ue002"
+
+
+def record_images(record: dict) -> list[str]:
+    """The record's image paths: LLaVA's "image" as one path, or a list of them (multi-image records)."""
+    image = record.get("image")
+    if not image:
+        return []
+    paths = [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not all(isinstance(x, str) and x for x in paths):
+        raise SampleError("malformed record", f"'image' is a {type(image).__name__}, not a path or a list of paths")
+    return paths
+
+
+def record_messages(record: dict, n_images: int) -> list[dict]:
+    """Chat messages of a LLaVA record with `n_images` images. One image: LLaVA's rule (its "<image>" goes to the
+    front of its turn, or into the first user turn if there is none). Several: each "<image>" stays where it is. The
+    placeholders must match the images: two "<image>" for one image would otherwise be merged into one (LLaVA's
+    reader does that silently), and the processor would refuse an image without a placeholder."""
+    conversations = record["conversations"]
+    placeholders = sum(c["value"].count(IMAGE_TOKEN) for c in conversations
+                       if isinstance(c, dict) and isinstance(c.get("value"), str))
+    if placeholders != n_images and not (n_images == 1 and placeholders == 0):
+        raise SampleError("placeholders and images differ", f"{placeholders} {IMAGE_TOKEN} in the conversation for "
+                                                            f"{n_images} image{'s' if n_images != 1 else ''}")
+    try:
+        if n_images <= 1:
+            return to_messages(parse_turns(conversations, n_images == 1))
+        marked = [{**c, "value": c["value"].replace(IMAGE_TOKEN, IMAGE_MARK)} if isinstance(c, dict) and isinstance(
+            c.get("value"), str) else c for c in conversations]
+        turns = parse_turns(marked, False)
+    except ConversationError as e:
+        raise SampleError("malformed record", str(e)) from None
+    messages = []
+    for t in turns:
+        content = []
+        for k, piece in enumerate(t.text.split(IMAGE_MARK)):
+            if k:
+                content.append({"type": "image"})
+            piece = piece.strip("\n")  # the newline that separates a placeholder from the text, as for one image
+            if piece:
+                content.append({"type": "text", "text": piece})
+        messages.append({"role": t.role, "content": content})
+    return messages
+
+
 class ChatDataset(RecordDataset):
-    """Lazy: a record is parsed, rendered and its image opened when asked for; pixels are made by the collator."""
+    """Lazy: a record is parsed, rendered and its images opened when asked for; pixels are made by the collator."""
 
     def __init__(self, config: ChatDataConfig, processor, records: Optional[list[dict]] = None,
                  skips: Optional[SkipLog] = None):
@@ -268,22 +317,16 @@ class ChatDataset(RecordDataset):
     def build(self, record: dict, index: int = -1) -> dict:
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise SampleError("malformed record", "expected an object with a 'conversations' list")
-        image = record.get("image")
-        if image and not isinstance(image, str):
-            raise SampleError("malformed record", f"'image' is a {type(image).__name__}, not a path")
-        try:
-            messages = to_messages(parse_turns(record["conversations"], bool(image)))
-        except ConversationError as e:
-            raise SampleError("malformed record", str(e)) from None
+        paths = record_images(record)
+        messages = record_messages(record, len(paths))
         tokenizer = self.processor.tokenizer
         rendered = render_chat(self.render, messages, tokenizer.eos_token)
         enc = encode_text(tokenizer, rendered.text, rendered.content, add_special_tokens(tokenizer, rendered.text))
         labels = supervised_labels(enc.ids, enc.offsets, rendered.supervised)
         if all(label == IGNORE_INDEX for label in labels):
             raise SampleError("no answer", "no assistant text to learn from")
-        pil = self.open_image(image) if image else None
-        return {"id": record.get("id", index), "index": index, "text": rendered.text, "image": pil,
-                "ids": enc.ids, "labels": labels}
+        return {"id": record.get("id", index), "index": index, "text": rendered.text,
+                "images": [self.open_image(p) for p in paths], "ids": enc.ids, "labels": labels}
 
     def open_image(self, relative: str) -> Image.Image:
         path = Path(self.config.image_folder) / relative
@@ -296,9 +339,36 @@ class ChatDataset(RecordDataset):
             raise SampleError("unreadable image", f"{path}: {e}") from None
 
 
+def image_rows_first(images: Sequence[Sequence]) -> list[int]:
+    """A row order for one processor call: rows with images first, otherwise as given. MllamaImageProcessor reads
+    the first row's first image, so a batch whose first row has none raises IndexError (transformers 5.x)."""
+    return sorted(range(len(images)), key=lambda row: not images[row])
+
+
+def processor_batch(processor, texts: Sequence[str], images: Sequence[Sequence], **kwargs):
+    """`processor(text=texts, images=images)` for rows ordered by `image_rows_first`, images nested one list per row
+    (what every family's processor takes when some rows have none), None when no row has one. MllamaImageProcessor
+    returns aspect_ratio_ids and aspect_ratio_mask for the rows with images only (transformers 5.x), so the rows
+    after them get what it gives an image slot without an image: id 0 and a mask on the first tile."""
+    has = [bool(row) for row in images]
+    assert has == sorted(has, reverse=True), "rows with images must come first"
+    batch = processor(text=list(texts), images=[list(row) for row in images] if any(has) else None, padding=True,
+                      return_tensors="pt", **kwargs)
+    rows = len(texts)
+    for key, fill_first_tile in (("aspect_ratio_ids", False), ("aspect_ratio_mask", True)):
+        value = batch.get(key)
+        if value is not None and value.shape[0] < rows:
+            pad = torch.zeros((rows - value.shape[0], *value.shape[1:]), dtype=value.dtype)
+            if fill_first_tile:
+                pad[..., 0] = 1
+            batch[key] = torch.cat([value, pad])
+    return batch
+
+
 class ChatCollator:
     """Micro-batches through the processor (see the module docstring). Rows too long after expansion, or whose
-    labels do not align, are dropped and counted under "skipped"; a batch without images gets the blank row."""
+    labels do not align, are dropped and counted under "skipped"; a batch without images gets the blank row.
+    Rows with images come first (`image_rows_first`), the blank row before the samples."""
 
     def __init__(self, processor, max_length: int = 2048):
         self.processor = processor
@@ -308,39 +378,40 @@ class ChatCollator:
         self.blank_image = Image.new("RGB", (BLANK_IMAGE_SIZE, BLANK_IMAGE_SIZE), (127, 127, 127))
 
     def encode(self, samples: Sequence[dict], blank: bool):
-        texts = [s["text"] for s in samples] + ([self.blank_text] if blank else [])
-        # nested, one list per row: what every family's processor takes when some rows have no image
-        images = [[s["image"]] if s["image"] is not None else [] for s in samples] + ([[self.blank_image]] if blank
-                                                                                      else [])
-        return self.processor(text=texts, images=images, padding=True, return_tensors="pt",
-                              add_special_tokens=add_special_tokens(self.processor.tokenizer, texts[0]))
+        texts = ([self.blank_text] if blank else []) + [s["text"] for s in samples]
+        images = ([[self.blank_image]] if blank else []) + [s["images"] for s in samples]
+        return processor_batch(self.processor, texts, images,
+                               add_special_tokens=add_special_tokens(self.processor.tokenizer, texts[0]))
 
     def __call__(self, samples: Sequence[dict]) -> dict:
         skipped = [s["skip"] for s in samples if "skip" in s]
         samples = [s for s in samples if "skip" not in s]
+        samples = [samples[i] for i in image_rows_first([s["images"] for s in samples])]
         while True:
-            blank = not any(s["image"] is not None for s in samples)
+            blank = not any(s["images"] for s in samples)
+            first = int(blank)  # the samples' first row
             batch = self.encode(samples, blank)
             ids, mask = batch["input_ids"], batch["attention_mask"].bool()
             labels = torch.full_like(ids, IGNORE_INDEX)
             bad = {}
-            for row, s in enumerate(samples):
+            for k, s in enumerate(samples):
+                row = first + k
                 expanded = ids[row][mask[row]].tolist()
                 if len(expanded) > self.max_length:
-                    bad[row] = "too long"
+                    bad[k] = "too long"
                     continue
                 try:
                     labels[row, mask[row]] = torch.tensor(align_labels(s["ids"], s["labels"], expanded))
                 except SampleError as e:
-                    bad[row] = e.reason
+                    bad[k] = e.reason
             if not bad:
                 break
-            for row, reason in bad.items():
-                log.warning("skipped sample %s (index %s): %s", samples[row]["id"], samples[row]["index"], reason)
+            for k, reason in bad.items():
+                log.warning("skipped sample %s (index %s): %s", samples[k]["id"], samples[k]["index"], reason)
             skipped += list(bad.values())
-            samples = [s for row, s in enumerate(samples) if row not in bad]
+            samples = [s for k, s in enumerate(samples) if k not in bad]
         batch = dict(batch)
         batch["labels"] = labels
-        tokens = int(mask[:len(samples)].sum())  # the samples' own tokens, not the blank row's; counted on the CPU
+        tokens = int(mask[first:].sum())  # the samples' own tokens, not the blank row's; counted on the CPU
         return {"inputs": batch, "ids": [s["id"] for s in samples], "skipped": skipped, "empty": not samples,
                 "tokens": tokens}

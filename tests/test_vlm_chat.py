@@ -39,6 +39,7 @@ def families(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("families")
     Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "a.png")
+    Image.new("RGB", (30, 40), (30, 200, 30)).save(root / "b.png")
     return root, {f: AutoProcessor.from_pretrained(build_family(f, root / f, TEXTS)) for f in TEMPLATE_FAMILIES}
 
 
@@ -164,18 +165,88 @@ def test_bad_samples_are_counted_skips(families, tmp_path):
     assert everything_bad["empty"] and everything_bad["skipped"] == ["missing image", "malformed record"]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+MULTI_IMAGE = {"id": "two-images", "image": ["a.png", "b.png"], "conversations": [
+    {"from": "human", "value": "<image>\n<image>\nWhich one is red?"}, {"from": "gpt", "value": "The first."},
+    {"from": "human", "value": "And the other?"}, {"from": "gpt", "value": "It is green."}]}
+SHAPES = {"text-only first": ["text-only", "two-turns"], "image first": ["two-turns", "text-only"],
+          "text-only alone": ["text-only"], "multi-image": ["two-images", "text-only", "two-turns"]}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
+def test_every_family_takes_every_micro_batch_shape(families, family, shape):
+    """Rows without images before, after and without rows with images, and rows with several images: the
+    processor batches them (Mllama's raised IndexError when the first row had no image, and gave one row of aspect
+    ratios for two rows when a later one had none) and the model's forward takes the batch."""
+    from transformers import AutoModelForImageTextToText
+
+    root, processors = families
+    processor = processors[family]
+    data = dataset(root, processor, RECORDS + [MULTI_IMAGE])
+    by_id = {data[i]["id"]: data[i] for i in range(len(data))}
+    samples = [by_id[i] for i in SHAPES[shape]]
+    assert not [s for s in samples if "skip" in s]
+    batch = ChatCollator(processor)(samples)
+    inputs = batch["inputs"]
+    assert sorted(batch["ids"]) == sorted(SHAPES[shape]) and not batch["skipped"]
+    blank = shape == "text-only alone"
+    assert inputs["input_ids"].shape[0] == len(samples) + blank
+    assert (inputs["labels"][0] == IGNORE_INDEX).all() if blank else True  # the blank row comes first
+    learned = sum(sum(label != IGNORE_INDEX for label in s["labels"]) for s in samples)
+    assert int((inputs["labels"] != IGNORE_INDEX).sum()) == learned
+    model = AutoModelForImageTextToText.from_pretrained(root / family).eval()
+    with torch.no_grad():
+        loss = model(**inputs).loss
+    assert torch.isfinite(loss)
+
+
+def test_several_images_keep_their_places_and_must_match_the_placeholders(families):
+    root, processors = families
+    processor = processors["qwen2_vl"]
+    data = dataset(root, processor, [MULTI_IMAGE, {**MULTI_IMAGE, "id": "one-missing", "image": ["a.png"]},
+                                     {**MULTI_IMAGE, "id": "three", "image": ["a.png", "b.png", "a.png"]}])
+    sample = data[0]
+    assert len(sample["images"]) == 2
+    assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|>" \
+           "<|vision_end|>Which one is red?<|im_end|>" in sample["text"]
+    assert data[1]["skip"] == data[2]["skip"] == "placeholders and images differ"
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "mllama"])
 def test_a_micro_batch_without_images_gets_a_blank_image_row_without_labels(families, family):
     root, processors = families
     processor = processors[family]
     data = dataset(root, processor)
     batch = ChatCollator(processor)([data[1]])
     inputs = batch["inputs"]
-    assert inputs["input_ids"].shape[0] == 2 and "pixel_values" in inputs  # the sample + the blank row
-    assert (inputs["labels"][1] == IGNORE_INDEX).all() and (inputs["labels"][0] != IGNORE_INDEX).any()
-    assert batch["tokens"] == int(inputs["attention_mask"][0].sum())  # the blank row is not counted
-    with_image = ChatCollator(processor)([data[0], data[1]])
+    assert inputs["input_ids"].shape[0] == 2 and "pixel_values" in inputs  # the blank row + the sample
+    assert (inputs["labels"][0] == IGNORE_INDEX).all() and (inputs["labels"][1] != IGNORE_INDEX).any()
+    assert batch["tokens"] == int(inputs["attention_mask"][1].sum())  # the blank row is not counted
+    with_image = ChatCollator(processor)([data[1], data[0]])
     assert with_image["inputs"]["input_ids"].shape[0] == 2  # an image in the batch: no extra row
+    assert with_image["ids"] == ["two-turns", "text-only"]  # rows with images first
+
+
+@pytest.mark.parametrize("family", ["mllama", "llava_onevision"])
+def test_eval_generate_answers_text_only_and_image_questions_in_one_batch_in_order(families, family, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from eval.generate import processor_answer_batches
+
+    root, processors = families
+    processor = processors[family]
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(root / family).eval()
+    questions = [{"question_id": "t", "text": "And the circle?"}, {"question_id": "i", "image": "a.png",
+                                                                   "text": "What colour is the square?"},
+                 {"question_id": "t2", "text": "What colour is the square?"}]
+    answers = [a for batch in processor_answer_batches(model, processor, questions, root, batch_size=3,
+                                                       max_new_tokens=2, progress=False) for a in batch]
+    assert [a["question_id"] for a in answers] == ["t", "i", "t2"]
+    alone = [a for q in questions for batch in processor_answer_batches(model, processor, [q], root, batch_size=1,
+                                                                        max_new_tokens=2, progress=False)
+             for a in batch]
+    assert [a["text"] for a in answers] == [a["text"] for a in alone]  # each answer is its own question's
 
 
 def test_align_labels_needs_every_label_found():
