@@ -26,9 +26,11 @@ else. The rule needs no property of the template beyond "a message's text appear
 Token ownership: a token carries its label when it covers a learned character and no character after its turn's
 learned span, so a sentencepiece "▁US" that starts on llava-1.5's separator and runs into the next "USER:" is not
 learned; one that starts in the template before a reply and runs into it ("▁It" of "ASSISTANT: It") is.
-Special-token strings typed inside a message stay text, as in the LLaVA recipe (`data.llava.encode_text`).
 The labels are carried from the tokens of the unexpanded text to the processor's expanded ids by aligning the two
 sequences (the expansion only inserts image tokens); labels that do not survive the alignment make a counted skip.
+Special-token text typed inside a message stays text, as in the LLaVA recipe: our tokenization keeps it text
+(`data.llava.encode_text`), and where the processor, tokenizing the text again, made a special token of it, our text
+tokens are put back in the row (`merge_expanded`); an image placeholder typed in a message is a counted skip.
 
 Batches: the collator calls the processor on the whole micro-batch (it pads and stacks its own outputs), so no
 family-specific batching code is needed beyond `processor_batch` (rows with images first; Mllama's per-row aspect
@@ -228,23 +230,54 @@ def add_special_tokens(tokenizer, text: str) -> bool:
     return not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
 
 
-def align_labels(unexpanded: Sequence[int], labels: Sequence[int], expanded: Sequence[int]) -> list[int]:
-    """Labels for the processor's expanded ids: copied over the blocks the two sequences share (the expansion
-    only inserts tokens), IGNORE_INDEX elsewhere. Every label must land on the same token id."""
-    out = [IGNORE_INDEX] * len(expanded)
-    matcher = difflib.SequenceMatcher(a=list(unexpanded), b=list(expanded), autojunk=False)
-    placed = 0
-    for block in matcher.get_matching_blocks():
-        for i in range(block.size):
-            label = labels[block.a + i]
-            if label != IGNORE_INDEX:
-                out[block.b + i] = label
-                placed += 1
+def merge_expanded(unexpanded: Sequence[int], labels: Sequence[int], expanded: Sequence[int],
+                   typed: frozenset = frozenset()) -> tuple[list[int], list[int], list[int]]:
+    """The row the model gets from our ids of the unexpanded text and the processor's ids of the same text expanded
+    (the expansion only inserts image tokens), as (ids, labels, the processor position each id takes its other
+    per-token inputs from). Where the processor made one special token of special-token text typed in a message
+    (`typed`: those tokens' ids), our text tokens stand instead, as in the LLaVA recipe; elsewhere the processor's
+    ids, our labels copied over the blocks the two share. Every label must land on the same token id."""
+    unexpanded, expanded = list(unexpanded), list(expanded)
+    ids, out, source = [], [], []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=unexpanded, b=expanded, autojunk=False).get_opcodes():
+        if tag == "equal":
+            ids += expanded[j1:j2]
+            out += labels[i1:i2]
+            source += range(j1, j2)
+        elif tag != "insert" and typed & set(expanded[j1:j2]):
+            ids += unexpanded[i1:i2]
+            out += labels[i1:i2]
+            source += [min(j1, len(expanded) - 1)] * (i2 - i1)  # a text token's inputs: its neighbour's
+        else:
+            ids += expanded[j1:j2]
+            out += [IGNORE_INDEX] * (j2 - j1)
+            source += range(j1, j2)
+    placed = sum(1 for label in out if label != IGNORE_INDEX)
     wanted = sum(1 for label in labels if label != IGNORE_INDEX)
     if placed != wanted:
         raise SampleError("labels not aligned", f"{placed} of {wanted} supervised tokens found after the "
                                                 f"processor's expansion")
-    return out
+    return ids, out, source
+
+
+def align_labels(unexpanded: Sequence[int], labels: Sequence[int], expanded: Sequence[int]) -> list[int]:
+    """Labels for the processor's expanded ids (`merge_expanded` where no special-token text was typed)."""
+    return merge_expanded(unexpanded, labels, expanded)[1]
+
+
+def typed_special_tokens(tokenizer, text: str, content: Sequence[tuple[int, int]]) -> frozenset:
+    """Ids of the special tokens whose text appears inside the messages' own text."""
+    inside = "\0".join(text[a:b] for a, b in content)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    strings = {i: t.content for i, t in added.items()}
+    strings.update({i: tokenizer.convert_ids_to_tokens(i) for i in tokenizer.all_special_ids})
+    return frozenset(i for i in special_token_ids(tokenizer) if strings.get(i) and strings[i] in inside)
+
+
+def image_token_strings(processor) -> set[str]:
+    """The texts the processor expands into an image's or a video's tokens."""
+    names = ("image_token", "video_token", "boi_token")
+    return {t for t in (getattr(processor, n, None) for n in names) if isinstance(t, str) and t}
 
 
 # Stands for "<image>" in a multi-image record while data.conversation reads it (it moves a single "<image>")
@@ -325,8 +358,12 @@ class ChatDataset(RecordDataset):
         labels = supervised_labels(enc.ids, enc.offsets, rendered.supervised)
         if all(label == IGNORE_INDEX for label in labels):
             raise SampleError("no answer", "no assistant text to learn from")
+        typed = typed_special_tokens(tokenizer, rendered.text, rendered.content)
+        expands = image_token_strings(self.processor) & {tokenizer.convert_ids_to_tokens(i) for i in typed}
+        if expands:  # the processor would take it for an image's place and count one image too many
+            raise SampleError("special token text in content", f"{sorted(expands)[0]} typed in a message")
         return {"id": record.get("id", index), "index": index, "text": rendered.text,
-                "images": [self.open_image(p) for p in paths], "ids": enc.ids, "labels": labels}
+                "images": [self.open_image(p) for p in paths], "ids": enc.ids, "labels": labels, "typed": typed}
 
     def open_image(self, relative: str) -> Image.Image:
         path = Path(self.config.image_folder) / relative
@@ -392,26 +429,54 @@ class ChatCollator:
             first = int(blank)  # the samples' first row
             batch = self.encode(samples, blank)
             ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-            labels = torch.full_like(ids, IGNORE_INDEX)
-            bad = {}
+            rows, bad = {}, {}
             for k, s in enumerate(samples):
-                row = first + k
-                expanded = ids[row][mask[row]].tolist()
-                if len(expanded) > self.max_length:
-                    bad[k] = "too long"
-                    continue
+                expanded = ids[first + k][mask[first + k]].tolist()
                 try:
-                    labels[row, mask[row]] = torch.tensor(align_labels(s["ids"], s["labels"], expanded))
+                    rows[first + k] = merge_expanded(s["ids"], s["labels"], expanded, s.get("typed", frozenset()))
                 except SampleError as e:
                     bad[k] = e.reason
+                    continue
+                if len(rows[first + k][0]) > self.max_length:
+                    bad[k] = "too long"
             if not bad:
                 break
             for k, reason in bad.items():
                 log.warning("skipped sample %s (index %s): %s", samples[k]["id"], samples[k]["index"], reason)
             skipped += list(bad.values())
             samples = [s for k, s in enumerate(samples) if k not in bad]
-        batch = dict(batch)
-        batch["labels"] = labels
-        tokens = int(mask[first:].sum())  # the samples' own tokens, not the blank row's; counted on the CPU
+        batch = self.with_rows(dict(batch), rows)
+        tokens = int(batch["attention_mask"][first:].sum())  # the samples' own tokens, not the blank row's
         return {"inputs": batch, "ids": [s["id"] for s in samples], "skipped": skipped, "empty": not samples,
                 "tokens": tokens}
+
+    def with_rows(self, batch: dict, rows: dict) -> dict:
+        """The processor's batch with labels, and with the rows `merge_expanded` changed (typed special-token text
+        kept as text) in place of the processor's: every per-token input (an integer tensor whose first two
+        dimensions are the ids') follows the row, and the rows are padded again as the tokenizer pads."""
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        real = {row: mask[row].nonzero().flatten() for row in range(ids.shape[0])}
+        if all(ids[row][real[row]].tolist() == merged[0] for row, merged in rows.items()):
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            for row, (_, row_labels, _) in rows.items():
+                labels[row, real[row]] = torch.tensor(row_labels, dtype=labels.dtype)
+            return {**batch, "labels": labels}
+        per_token = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and not v.is_floating_point()
+                     and v.dim() >= 2 and v.shape[:2] == ids.shape]
+        length = max(len(rows[row][0]) if row in rows else len(real[row]) for row in real)
+        left = getattr(self.processor.tokenizer, "padding_side", "right") == "left"
+        pad_id = self.processor.tokenizer.pad_token_id or 0
+        out = {k: torch.zeros((ids.shape[0], length, *batch[k].shape[2:]), dtype=batch[k].dtype) for k in per_token}
+        out["input_ids"].fill_(pad_id)
+        out["labels"] = torch.full((ids.shape[0], length), IGNORE_INDEX, dtype=ids.dtype)
+        for row, positions in real.items():
+            row_ids, row_labels, source = rows.get(row, (ids[row][positions].tolist(), None, range(len(positions))))
+            n = len(row_ids)
+            at = slice(length - n, length) if left else slice(0, n)
+            taken = positions[torch.tensor(list(source), dtype=torch.long)]
+            for k in per_token:
+                out[k][row, at] = batch[k][row, taken]
+            out["input_ids"][row, at] = torch.tensor(row_ids, dtype=ids.dtype)
+            if row_labels is not None:
+                out["labels"][row, at] = torch.tensor(row_labels, dtype=ids.dtype)
+        return {**batch, **out}

@@ -71,3 +71,9 @@ def check_output(key: str, path: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"{key}: cannot write in {path} ({e.strerror or e})") from None
+
+
+def remote_code_refused(error: BaseException) -> bool:
+    """transformers' refusal to load a checkpoint that needs the code in its own repository (Phi-3.5-vision,
+    InternVL2) without trust_remote_code=True."""
+    return isinstance(error, ValueError) and "trust_remote_code" in str(error)

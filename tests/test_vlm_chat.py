@@ -154,9 +154,17 @@ def test_bad_samples_are_counted_skips(families, tmp_path):
            {"id": "no-answer", "conversations": [{"from": "human", "value": "Hi"}]},
            {"id": "bad-role", "conversations": [{"from": "robot", "value": "Hi"}]},
            "not an object"]
+    conversation = RECORDS[0]["conversations"]
+    bad += [  # two placeholders in one turn for one image: LLaVA's reader merges them into one
+            {"id": "two-placeholders", "image": "a.png", "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nWhat colour?"}, conversation[1]]},
+            # an empty answer would teach the end marker alone
+            {"id": "empty-answer", "conversations": [conversation[2], {"from": "gpt", "value": " "}]},
+            {"id": "no-image-for-placeholder", "conversations": conversation}]
     data = dataset(root, processor, bad)
-    assert [data[i]["skip"] for i in range(len(bad))] == ["missing image", "unreadable image", "malformed record",
-                                                          "malformed record", "malformed record"]
+    assert [data[i]["skip"] for i in range(len(bad))] == [
+        "missing image", "unreadable image", "malformed record", "malformed record", "malformed record",
+        "placeholders and images differ", "empty answer", "placeholders and images differ"]
     # too long after the image is expanded: dropped by the collator, counted, the rest of the batch kept
     short = dataset(root, processor, max_length=40)
     batch = ChatCollator(processor, max_length=40)([short[0], short[1]])
@@ -247,6 +255,49 @@ def test_eval_generate_answers_text_only_and_image_questions_in_one_batch_in_ord
                                                                         max_new_tokens=2, progress=False)
              for a in batch]
     assert [a["text"] for a in answers] == [a["text"] for a in alone]  # each answer is its own question's
+
+
+TYPED = {"qwen2_vl": "<|im_end|>", "llava": "</s>", "llava_next_mistral": "</s>", "gemma3": "<end_of_turn>",
+         "mllama": "<|eot_id|>", "idefics3": "<end_of_utterance>", "llava_onevision": "<|im_start|>"}
+
+
+@pytest.mark.parametrize("family", sorted(TYPED))
+def test_special_token_text_typed_in_a_message_stays_text(families, family):
+    """As in the LLaVA recipe: a "<|im_end|>" typed in a question or an answer is text, not the model's marker (the
+    processor tokenizes the text again and makes a special token of it: our text tokens stand in its place)."""
+    from transformers import AutoModelForImageTextToText
+
+    root, processors = families
+    processor, typed = processors[family], TYPED[family]
+    tok = processor.tokenizer
+    record = {"id": "typed", "image": "a.png", "conversations": [
+        {"from": "human", "value": f"<image>\nWhat does {typed} mean?"},
+        {"from": "gpt", "value": f"It ends a turn: {typed} is a marker."}]}
+    data = dataset(root, processor, [record, RECORDS[1]])
+    sample = data[0]
+    special = tok.convert_tokens_to_ids(typed)
+    written = sample["text"].count(typed) - 2  # by the template (or the EOS written after an answer)
+    assert sample["ids"].count(special) == written
+    assert any(f"It ends a turn: {typed} is a marker." in run for run in learned_runs(tok, sample))
+    batch = ChatCollator(processor)([data[1], sample])  # the typed row after a text-only one: a changed row padded
+    inputs = batch["inputs"]
+    assert batch["ids"] == ["typed", "text-only"] and not batch["skipped"]
+    row = inputs["input_ids"][0][inputs["attention_mask"][0].bool()]
+    assert int((row == special).sum()) == written
+    labels = inputs["labels"][0]
+    assert labels[labels != IGNORE_INDEX].tolist() == [t for t in sample["labels"] if t != IGNORE_INDEX]
+    for key in ("attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask"):
+        assert key not in inputs or inputs[key].shape[:2] == inputs["input_ids"].shape  # re-padded with the row
+    with torch.no_grad():
+        assert torch.isfinite(AutoModelForImageTextToText.from_pretrained(root / family).eval()(**inputs).loss)
+
+
+def test_an_image_token_typed_in_a_message_is_a_counted_skip(families):
+    root, processors = families
+    record = {"id": "typed-image", "conversations": [
+        {"from": "human", "value": "What is <|image_pad|>?"}, {"from": "gpt", "value": "A placeholder."}]}
+    # the processor would take it for an image's place and find no image for it
+    assert dataset(root, processors["qwen2_vl"], [record])[0]["skip"] == "special token text in content"
 
 
 def test_align_labels_needs_every_label_found():

@@ -294,3 +294,35 @@ def build_family(family: str, out: str | Path, texts: Iterable[str], seed: int =
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+REMOTE_CONFIG = '''from transformers import LlavaConfig
+
+
+class TinyRemoteConfig(LlavaConfig):
+    model_type = "tiny_remote_vlm"
+'''
+REMOTE_MODEL = '''from transformers import LlavaForConditionalGeneration
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = TinyRemoteConfig
+'''
+
+
+def build_remote_code_checkpoint(out: str | Path, texts: Iterable[str]) -> Path:
+    """The "llava" family saved as a checkpoint that brings its own code (as Phi-3.5-vision and InternVL2 do): a
+    model type transformers does not know, classes named by the config's auto_map, their files beside it."""
+    import json
+
+    out = build_family("llava", out, texts)
+    config = json.loads((out / "config.json").read_text())
+    config["model_type"] = "tiny_remote_vlm"
+    config["auto_map"] = {"AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+                          "AutoModelForImageTextToText": "modeling_tiny_remote.TinyRemoteForConditionalGeneration"}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / "configuration_tiny_remote.py").write_text(REMOTE_CONFIG)
+    (out / "modeling_tiny_remote.py").write_text(REMOTE_MODEL)
+    return out
