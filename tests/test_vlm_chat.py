@@ -2,6 +2,8 @@
 characters each family learns, what it says at start-up, the blank row of image-less micro-batches, and every
 sample that must be a counted skip."""
 
+import datetime
+
 import pytest
 import torch
 from PIL import Image
@@ -11,6 +13,7 @@ from data.llava import IGNORE_INDEX, SampleError
 from data.vlm_chat import (ChatCollator, ChatDataConfig, ChatDataset, align_labels, chat_renderer, render_chat,
                            supervised_labels)
 from vlm_families import TEMPLATE_FAMILIES, build_family
+from vlm_template_renderings import RENDERED
 
 TEXTS = ["What colour is the square?", "It is red.", "And the circle?", "It is blue, 12 pixels wide."] * 4
 RECORDS = [
@@ -63,6 +66,41 @@ def learned_runs(tokenizer, sample: dict) -> list[str]:
             runs.append(sample["text"][s:e])
         last = i
     return runs
+
+
+def user(*parts):
+    return {"role": "user", "content": [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+CONVERSATIONS = {
+    "multi-turn": [user(None, "What colour is the square?"), assistant("It is red."), user("And the circle?"),
+                   assistant("It is blue.")],
+    "multi-image": [user(None, None, "Which one is red?"), assistant("The first."), user("And the other?"),
+                    assistant("It is green.")],
+    "text-only": [user("What colour is the square?"), assistant("It is red."), user("And the circle?"),
+                  assistant("It is blue.")],
+}
+
+
+@pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
+def test_our_templates_render_what_the_real_ones_render(families, family):
+    """Byte for byte, quirks included (OneVision's space after the role, llava-1.5's space after every message and
+    no end marker, mistral's <\\s>, Qwen's default system turn, Idefics3's "User:<image>", Gemma's trimmed texts,
+    Mllama's dated system turn in conversations without images): the labels these tests check are those of the
+    real checkpoints (tests/vlm_template_renderings.py holds what the real templates render)."""
+    root, processors = families
+    processor = processors[family]
+    for (name, prompt), expected in RENDERED[family].items():
+        messages = CONVERSATIONS[name][:1] if prompt else CONVERSATIONS[name]
+        assert processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt,
+                                             date_string="26 Jul 2024") == expected, (name, prompt)
+    if family == "mllama":  # without date_string, today's date, as the real template writes it
+        text = processor.apply_chat_template(CONVERSATIONS["text-only"], tokenize=False)
+        assert f"Today Date: {datetime.date.today().strftime('%d %b %Y')}\n\n" in text
 
 
 @pytest.mark.parametrize("family", TEMPLATE_FAMILIES)

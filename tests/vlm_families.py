@@ -6,7 +6,8 @@ Llama-style model with byte fallback and split digits for LLaVA-1.5 / LLaVA-NeXT
 tokenizers are of that kind; byte-level BPE for the Qwen2, Llama 3 and SmolLM families), and a chat template of our
 own that renders the same text as the real checkpoint's template on the conversations the recipe makes (user
 turns with images and text, assistant turns with text: multi-turn, multi-image, text-only), quirks included.
-`TEMPLATE_SOURCES` names the real template each one was compared with; tests/test_vlm_chat.py holds the renderings.
+`TEMPLATE_SOURCES` names the real template each one was compared with; tests/vlm_template_renderings.py holds
+what those render, tests/test_vlm_chat.py checks ours against it.
 
 The tokenizers are trained here on the test's sentences plus each family's special tokens.
 """
