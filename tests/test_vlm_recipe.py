@@ -1,4 +1,4 @@
-"""The generic recipe (recipes/vlm, data/vlm_chat.py) on five families built from configs (tests/vlm_families.py):
+"""The generic recipe (recipes/vlm, data/vlm_chat.py) on six families built from configs (tests/vlm_families.py):
 the inspector's proposal trains under 2 DeepSpeed processes with ZeRO-3 and gives the 1-process losses, with
 text-only samples among the image ones; merged model and base + adapter give the same logits and the same
 `eval generate --template processor` answers; the PEFT export loads in PEFT with equal logits."""

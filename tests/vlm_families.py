@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 # The families the recipe test trains end to end (tests/test_vlm_recipe.py), and all those with a real template
-FAMILIES = ("llava_next", "qwen2_vl", "idefics3", "gemma3", "mllama")
+FAMILIES = ("llava_next", "qwen2_vl", "idefics3", "gemma3", "mllama", "llava_onevision")
 TEMPLATE_FAMILIES = ("llava", "llava_next", "llava_next_mistral", "llava_next_mistral_bs", "llava_onevision",
                      "qwen2_vl", "idefics3", "smolvlm", "gemma3", "mllama")
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
