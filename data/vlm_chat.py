@@ -1,7 +1,8 @@
 """LLaVA-format conversations for any transformers image-text-to-text model, through the model's own processor.
 
-Records are LLaVA's ({"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}, `data.llava`'s reader
-and rules: one image's `<image>` moved to the front of its turn; "image" may also be a list of paths, whose
+Records are LLaVA's ({"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}) or in the `messages` +
+`images` format, from any file or folder `data.llava.open_records` reads (JSON, JSON lines, parquet, save_to_disk;
+images as paths, bytes or datasets.Image), with `data.llava`'s rules: one image's `<image>` moved to the front of its turn; "image" may also be a list of paths, whose
 placeholders stay where they are; placeholders and images must match, `record_messages`). Each becomes chat
 messages with an {"type": "image"} item where `<image>` was, rendered by the processor's chat template; the
 processor then expands the image placeholder and returns every extra input its model needs (image_grid_thw,
@@ -45,15 +46,14 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
 
 from .conversation import IMAGE_TOKEN, ConversationError, parse_turns
-from .llava import (IGNORE_INDEX, DataFormatError, RecordDataset, SampleError, SkipLog, encode_text, load_records,
-                    special_token_ids)
+from .llava import (IGNORE_INDEX, DataFormatError, RecordDataset, SampleError, SkipLog, encode_text,
+                    open_image_source, open_records, special_token_ids)
 
 BLANK_IMAGE_SIZE = 32
 # Private-use characters: no template writes them and `trim` keeps them
@@ -284,15 +284,17 @@ def image_token_strings(processor) -> set[str]:
 IMAGE_MARK = "\ue002"
 
 
-def record_images(record: dict) -> list[str]:
-    """The record's image paths: LLaVA's "image" as one path, or a list of them (multi-image records)."""
+def record_images(record: dict) -> list:
+    """The record's images: LLaVA's "image" as one path, or a list (multi-image records, the messages format's
+    "images"), each a path relative to the image folder, bytes, or a datasets.Image value."""
     image = record.get("image")
-    if not image:
+    if image is None or image == "" or image == []:
         return []
-    paths = [image] if isinstance(image, str) else image
-    if not isinstance(paths, list) or not all(isinstance(x, str) and x for x in paths):
-        raise SampleError("malformed record", f"'image' is a {type(image).__name__}, not a path or a list of paths")
-    return paths
+    images = image if isinstance(image, list) else [image]
+    if not all(isinstance(x, (str, bytes, dict, Image.Image)) and x != "" for x in images):
+        raise SampleError("malformed record", f"'image' is a {type(image).__name__}, not a path, an image or a "
+                                              f"list of them")
+    return images
 
 
 def record_messages(record: dict, n_images: int) -> list[dict]:
@@ -334,7 +336,7 @@ class ChatDataset(RecordDataset):
                  skips: Optional[SkipLog] = None):
         self.config = config
         self.processor = processor
-        super().__init__(records if records is not None else load_records(config.data_path), config.data_path,
+        super().__init__(records if records is not None else open_records(config.data_path), config.data_path,
                          config.image_folder, skips)
         if getattr(processor, "chat_template", None) is None:
             raise DataFormatError("the processor has no chat template: save one with the processor "
@@ -365,15 +367,8 @@ class ChatDataset(RecordDataset):
         return {"id": record.get("id", index), "index": index, "text": rendered.text,
                 "images": [self.open_image(p) for p in paths], "ids": enc.ids, "labels": labels, "typed": typed}
 
-    def open_image(self, relative: str) -> Image.Image:
-        path = Path(self.config.image_folder) / relative
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise SampleError("missing image", str(path)) from None
-        except Exception as e:  # truncated or not an image
-            raise SampleError("unreadable image", f"{path}: {e}") from None
+    def open_image(self, source) -> Image.Image:
+        return open_image_source(source, self.config.image_folder)
 
 
 def image_rows_first(images: Sequence[Sequence]) -> list[int]:

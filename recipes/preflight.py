@@ -57,6 +57,16 @@ def check_file(key: str, path: Optional[str]) -> None:
         raise ConfigError(f"{key}: {path} not found" + (" (a folder, not a file)" if Path(path).is_dir() else ""))
 
 
+def check_data(key: str, path: Optional[str]) -> None:
+    """A data file, or a folder written by datasets' save_to_disk."""
+    if path and not Path(path).is_file():
+        if Path(path).is_dir():
+            if not any((Path(path) / name).is_file() for name in ("state.json", "dataset_dict.json")):
+                raise ConfigError(f"{key}: {path} is a folder, but not one written by datasets' save_to_disk")
+        else:
+            raise ConfigError(f"{key}: {path} not found")
+
+
 def check_folder(key: str, path: Optional[str]) -> None:
     if path and not Path(path).is_dir():
         raise ConfigError(f"{key}: folder {path} not found" + (" (a file)" if Path(path).is_file() else ""))

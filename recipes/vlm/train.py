@@ -29,7 +29,7 @@ from data.llava import DataFormatError  # noqa: E402
 from data.vlm_chat import ChatCollator, ChatDataConfig, ChatDataset  # noqa: E402
 from dora import apply_dora  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
-from recipes.preflight import (check_file, check_folder, check_model, check_output,  # noqa: E402
+from recipes.preflight import (check_data, check_folder, check_model, check_output,  # noqa: E402
                                remote_code_refused)
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 
@@ -90,7 +90,7 @@ def build(config: dict):
     dora_cfg = section(config, "dora", ["rules", "train_fully"])
     data_cfg = ChatDataConfig(**section(config, "data", [f.name for f in fields(ChatDataConfig)]))
     check_model("model.path", model_cfg.path)  # everything the run reads, before any model is built
-    check_file("data.data_path", data_cfg.data_path)
+    check_data("data.data_path", data_cfg.data_path)
     check_folder("data.image_folder", data_cfg.image_folder)
     model, processor = build_model(model_cfg)
     report = apply_dora(model, dora_cfg.get("rules", []), dora_cfg.get("train_fully", []), verbose=False)
