@@ -33,6 +33,11 @@ Special-token text typed inside a message stays text, as in the LLaVA recipe: ou
 (`data.llava.encode_text`), and where the processor, tokenizing the text again, made a special token of it, our text
 tokens are put back in the row (`merge_expanded`); an image placeholder typed in a message is a counted skip.
 
+A processor that makes the labels itself from a prompt and a `suffix` (PaliGemma's: it writes the image tokens, the
+BOS, the "\n" after the prompt and the EOS after the answer, and labels the answer and the EOS) is used that way
+(`builds_own_labels`): no chat template; a record is one question and one answer with at least one image, anything
+else a counted skip.
+
 Batches: the collator calls the processor on the whole micro-batch (it pads and stacks its own outputs), so no
 family-specific batching code is needed beyond `processor_batch` (rows with images first; Mllama's per-row aspect
 ratios completed). A micro-batch without any image gets one extra row, first: a blank image with a one-word prompt
@@ -42,6 +47,7 @@ its vision tower only when it has pixels; the extra row makes every micro-batch 
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import os
 import re
@@ -329,6 +335,22 @@ def record_messages(record: dict, n_images: int) -> list[dict]:
     return messages
 
 
+def builds_own_labels(processor) -> bool:
+    """Whether the processor makes the labels itself from a `suffix` (PaliGemma)."""
+    return "suffix" in inspect.signature(type(processor).__call__).parameters
+
+
+def prompt_and_answer(messages: list[dict]) -> tuple[str, str]:
+    """The one question and one answer of a conversation, for a processor that takes a prompt and a suffix."""
+    if [m["role"] for m in messages] != ["user", "assistant"]:
+        raise SampleError("not one question and one answer", f"{len(messages)} turns (the processor takes a "
+                                                             f"prompt and its answer)")
+    prompt, answer = ("".join(p["text"] for p in m["content"] if p.get("type") == "text") for m in messages)
+    if not answer.strip():
+        raise SampleError("empty answer", "the answer has no text")
+    return prompt, answer
+
+
 class ChatDataset(RecordDataset):
     """Lazy: a record is parsed, rendered and its images opened when asked for; pixels are made by the collator."""
 
@@ -338,11 +360,12 @@ class ChatDataset(RecordDataset):
         self.processor = processor
         super().__init__(records if records is not None else open_records(config.data_path), config.data_path,
                          config.image_folder, skips)
-        if getattr(processor, "chat_template", None) is None:
+        self.suffix = builds_own_labels(processor)
+        if not self.suffix and getattr(processor, "chat_template", None) is None:
             raise DataFormatError("the processor has no chat template: save one with the processor "
                                   "(processor.chat_template = ...; processor.save_pretrained(dir))")
         self.render = chat_renderer(processor)
-        self.notes = template_notes(processor)  # printed once at start-up by the recipe
+        self.notes = [] if self.suffix else template_notes(processor)  # printed once at start-up by the recipe
 
     @property
     def modality_lengths(self) -> list[int]:
@@ -354,6 +377,12 @@ class ChatDataset(RecordDataset):
             raise SampleError("malformed record", "expected an object with a 'conversations' list")
         paths = record_images(record)
         messages = record_messages(record, len(paths))
+        if self.suffix:
+            if not paths:
+                raise SampleError("no image", "the processor takes an image with every prompt")
+            prompt, answer = prompt_and_answer(messages)
+            return {"id": record.get("id", index), "index": index, "prompt": prompt, "answer": answer,
+                    "images": [self.open_image(p) for p in paths]}
         tokenizer = self.processor.tokenizer
         rendered = render_chat(self.render, messages, tokenizer.eos_token)
         enc = encode_text(tokenizer, rendered.text, rendered.content, add_special_tokens(tokenizer, rendered.text))
@@ -406,7 +435,8 @@ class ChatCollator:
         self.processor = processor
         self.max_length = max_length
         blank = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "image"}]}]
-        self.blank_text = processor.apply_chat_template(blank, tokenize=False, add_generation_prompt=False)
+        self.blank_text = None if builds_own_labels(processor) else processor.apply_chat_template(
+            blank, tokenize=False, add_generation_prompt=False)
         self.blank_image = Image.new("RGB", (BLANK_IMAGE_SIZE, BLANK_IMAGE_SIZE), (127, 127, 127))
 
     def encode(self, samples: Sequence[dict], blank: bool):
@@ -418,6 +448,8 @@ class ChatCollator:
     def __call__(self, samples: Sequence[dict]) -> dict:
         skipped = [s["skip"] for s in samples if "skip" in s]
         samples = [s for s in samples if "skip" not in s]
+        if builds_own_labels(self.processor):
+            return self.with_suffixes(samples, skipped)
         samples = [samples[i] for i in image_rows_first([s["images"] for s in samples])]
         while True:
             blank = not any(s["images"] for s in samples)
@@ -444,6 +476,29 @@ class ChatCollator:
         tokens = int(batch["attention_mask"][first:].sum())  # the samples' own tokens, not the blank row's
         return {"inputs": batch, "ids": [s["id"] for s in samples], "skipped": skipped, "empty": not samples,
                 "tokens": tokens}
+
+    def with_suffixes(self, samples: list, skipped: list) -> dict:
+        """A micro-batch for a processor that labels the answers itself (every sample has an image; with every
+        sample skipped, a blank row without labels stands in)."""
+        image = getattr(self.processor, "image_token", "<image>")
+        while True:
+            rows = samples or [{"prompt": "image", "answer": "image", "images": [self.blank_image]}]
+            batch = self.processor(text=[image * len(s["images"]) + s["prompt"] for s in rows],
+                                   images=[s["images"] for s in rows], suffix=[s["answer"] for s in rows],
+                                   padding=True, return_tensors="pt")
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            bad = [k for k, n in enumerate(lengths) if samples and n > self.max_length]
+            if not bad:
+                break
+            for k in bad:
+                log.warning("skipped sample %s (index %s): too long", samples[k]["id"], samples[k]["index"])
+            skipped += ["too long"] * len(bad)
+            samples = [s for k, s in enumerate(samples) if k not in bad]
+        batch = dict(batch)
+        if not samples:
+            batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        return {"inputs": batch, "ids": [s["id"] for s in samples], "skipped": skipped, "empty": not samples,
+                "tokens": int(batch["attention_mask"].sum()) if samples else 0}
 
     def with_rows(self, batch: dict, rows: dict) -> dict:
         """The processor's batch with labels, and with the rows `merge_expanded` changed (typed special-token text

@@ -244,7 +244,9 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
     every input its model needs. Greedy, left-padded."""
     from PIL import Image
 
-    from data.vlm_chat import add_special_tokens, image_rows_first, processor_batch
+    from data.vlm_chat import add_special_tokens, builds_own_labels, image_rows_first, processor_batch
+
+    prompt_only = builds_own_labels(processor)  # PaliGemma: the question after the image tokens, no chat template
 
     def prepare(batch: list[dict]):
         texts, images = [], []
@@ -258,8 +260,11 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
                         row.append(im.convert("RGB"))
                 except Exception as e:
                     raise InputError(f"question {q['question_id']}: image {q['image']}: {e}") from None
-            texts.append(processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                       add_generation_prompt=True))
+            if prompt_only:
+                texts.append(getattr(processor, "image_token", "<image>") * len(row) + q["text"])
+            else:
+                texts.append(processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                           add_generation_prompt=True))
             images.append(row)
         order = image_rows_first(images)  # what every family's processor can batch (data/vlm_chat.py)
         texts, images = [texts[i] for i in order], [images[i] for i in order]

@@ -3,9 +3,14 @@ characters each family learns, what it says at start-up, the blank row of image-
 sample that must be a counted skip."""
 
 import datetime
+import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from transformers import AutoConfig
 
@@ -14,6 +19,9 @@ from data.vlm_chat import (ChatCollator, ChatDataConfig, ChatDataset, align_labe
                            supervised_labels)
 from vlm_families import TEMPLATE_FAMILIES, build_family
 from vlm_template_renderings import RENDERED
+import subprocesses
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TEXTS = ["What colour is the square?", "It is red.", "And the circle?", "It is blue, 12 pixels wide."] * 4
 RECORDS = [
@@ -350,3 +358,72 @@ def test_the_renderer_is_the_processors_template(families):
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     assert chat_renderer(processor)(messages, True) == processor.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def paligemma(tmp_path_factory):
+    from transformers import AutoProcessor
+
+    root = tmp_path_factory.mktemp("paligemma")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "a.png")
+    Image.new("RGB", (30, 40), (30, 200, 30)).save(root / "b.png")
+    return root, AutoProcessor.from_pretrained(build_family("paligemma", root / "model", TEXTS))
+
+
+def test_a_processor_that_labels_answers_itself_is_used_that_way(paligemma):
+    """PaliGemma has no chat template: its processor takes the prompt and the answer (`suffix`), writes the image
+    tokens, BOS, the newline and EOS, and labels the answer and the EOS. A record is one question and one answer
+    with an image; anything else is a counted skip."""
+    from transformers import AutoModelForImageTextToText
+
+    root, processor = paligemma
+    one = {"id": "one", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": "It is red."}]}
+    two = {"id": "two", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhich one is red?"}, {"from": "gpt", "value": "The first."}]}
+    bad = [{**RECORDS[0], "id": "multi-turn"}, {**RECORDS[1], "id": "no-image"},
+           {**one, "id": "empty", "conversations": [one["conversations"][0], {"from": "gpt", "value": ""}]}]
+    data = dataset(root, processor, [one, two, *bad])
+    assert data.notes == [] and [data[i]["skip"] for i in (2, 3, 4)] == [
+        "not one question and one answer", "no image", "empty answer"]
+    batch = ChatCollator(processor)([data[0], data[1], data[2]])
+    inputs, tok = batch["inputs"], processor.tokenizer
+    assert batch["ids"] == ["one", "two"] and batch["skipped"] == ["not one question and one answer"]
+    for row, (prompt, answer) in enumerate((("What colour is the square?", "It is red."),
+                                            ("Which one is red?", "The first."))):
+        labels = inputs["labels"][row]
+        assert labels[labels != IGNORE_INDEX].tolist() == tok(answer, add_special_tokens=False)["input_ids"] + [
+            tok.eos_token_id]
+        text = tok.decode(inputs["input_ids"][row][inputs["attention_mask"][row].bool()])
+        assert text.endswith(f"<bos>{prompt}\n{answer}<eos>") and text.count("<image>") == 16 * (row + 1)
+    with torch.no_grad():
+        assert torch.isfinite(AutoModelForImageTextToText.from_pretrained(root / "model").eval()(**inputs).loss)
+    everything_skipped = ChatCollator(processor)([data[2]])
+    assert everything_skipped["empty"] and (everything_skipped["inputs"]["labels"] == IGNORE_INDEX).all()
+
+
+def test_paligemma_trains_and_answers_without_a_chat_template(paligemma, tmp_path):
+    from eval.cli import main as eval_main
+
+    root, _ = paligemma
+    records = [{"id": str(i), "image": "a.png" if i % 2 else "b.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Red." if i % 2 else "Green."}]}
+        for i in range(4)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    config = {"model": {"path": str(root / "model"), "dtype": "fp32"},
+              "dora": {"rules": [{"match": r"model\.language_model\.layers\.\d+\.self_attn\.(q|v)_proj", "rank": 2}],
+                       "train_fully": [r"model\.multi_modal_projector\..*"]},
+              "data": {"data_path": str(tmp_path / "data.json"), "image_folder": str(root)},
+              "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "micro_batch_size": 2,
+                        "global_batch_size": 2, "optimizer": "sgd", "lr": 0.1, "warmup_ratio": 0.0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    done = subprocesses.run([sys.executable, str(ROOT / "recipes/vlm/train.py"), str(tmp_path / "c.yaml")],
+                            what="PaliGemma training", timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0 and "skipped samples: none" in done.stdout, subprocesses.output(done)
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"question_id": i, "image": "a.png", "text": "Colour?"})
+                                                for i in range(3)))
+    assert eval_main(["generate", "--template", "processor", "--model", str(root / "model"), "--adapter",
+                      str(tmp_path / "run" / "adapter"), "--questions", str(tmp_path / "q.jsonl"), "--image-folder",
+                      str(root), "--out", str(tmp_path / "a.jsonl"), "--max-new-tokens", "2"]) == 0
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 3

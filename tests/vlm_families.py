@@ -155,6 +155,8 @@ BPE_TOKENIZERS = {
                 "<end_of_utterance>", "<|im_end|>", False),
     "gemma3": (GEMMA_SPECIAL, "<bos>", "<eos>", "<pad>", True),
     "mllama": (LLAMA3_SPECIAL + ["<|image|>"], "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", True),
+    # PaliGemma's processor adds <image> and its location and segmentation tokens itself, and writes BOS and EOS
+    "paligemma": (["<pad>", "<eos>", "<bos>", "<unk>"], "<bos>", "<eos>", "<pad>", False),
 }
 
 
@@ -210,7 +212,7 @@ def build_family(family: str, out: str | Path, texts: Iterable[str], seed: int =
 
     out = Path(out)
     tokenizer = family_tokenizer(family, texts)
-    template = TEMPLATES[family]
+    template = TEMPLATES.get(family)
     ids = lambda t: tokenizer.convert_tokens_to_ids(t)  # noqa: E731
     common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id)
@@ -277,6 +279,17 @@ def build_family(family: str, out: str | Path, texts: Iterable[str], seed: int =
         image_processor = Gemma3ImageProcessor(size={"height": 32, "width": 32})
         processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
                                     chat_template=template)
+    elif family == "paligemma":  # no chat template: the processor makes the labels from a prompt and a `suffix`
+        from transformers import PaliGemmaConfig, PaliGemmaProcessor, SiglipImageProcessor
+        image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+        image_processor.image_seq_length = 16  # (32 / 8) ** 2 patches
+        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        common["vocab_size"] = len(tokenizer)  # with the tokens the processor added
+        config = PaliGemmaConfig(text_config={"model_type": "gemma", **TEXT, **common, "head_dim": 16},
+                                 vision_config={"model_type": "siglip_vision_model", **VISION, "image_size": 32,
+                                                "patch_size": 8},
+                                 image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projection_dim=64,
+                                 **common)
     elif family == "mllama":
         from transformers import MllamaConfig, MllamaImageProcessor, MllamaProcessor
         config = MllamaConfig(text_config={**TEXT, **common, "cross_attention_layers": [1]},
