@@ -1,8 +1,12 @@
 """LLaVA visual-instruction data: records -> token ids, labels and pixel values, and their batching.
 
-Records are LLaVA's: {"id", "image" (optional, relative to the image folder), "conversations": [...]}, in a
-JSON list or in JSON lines. A file that is not valid JSON fails at load time naming the line, and a missing
-image folder fails at start-up. A sample that cannot be used (malformed record or wrong-typed field, missing or
+Records are LLaVA's: {"id", "image" (optional, relative to the image folder), "conversations": [...]}, or the
+`messages` + `images` format of TRL and the hub's VLM sets (`normalize_record`), in a JSON list, JSON lines, a
+parquet file or a folder written by `datasets`' save_to_disk; images as paths, bytes or `datasets.Image` columns
+(`open_image_source`). Files go through `datasets` (`open_records`): converted once into its Arrow cache and
+memory-mapped, so that no process holds the records in RAM and a 665k-record file opens in a fraction of a second
+after its first conversion (about 20 s here). A file that is not valid JSON fails at load time naming the line,
+and a missing image folder fails at start-up. A sample that cannot be used (malformed record or wrong-typed field, missing or
 unreadable image, image tokens cut by truncation, answer entirely truncated) comes back as {"skip": reason}: it
 is logged with its id and index here, left out of the batch by the collator, and counted by reason by the
 trainer, which prints the counts at the end of every epoch and stops when they pass `train.max_skip_rate`.
@@ -13,6 +17,7 @@ calls, so with a sentencepiece tokenizer the text after the image starts with it
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import Counter
@@ -66,6 +71,97 @@ def load_records(path: str | Path) -> list[dict]:
     return records
 
 
+def _datasets():
+    import datasets
+    return datasets
+
+
+def open_records(path: str | Path) -> Sequence[dict]:
+    """The records of a data file or folder: a `datasets.Dataset` memory-mapped from datasets' Arrow cache (a
+    parquet file, JSON lines or a JSON list, converted once) or from a save_to_disk folder (its "train" split if it
+    holds several). A JSON file whose records share no schema (a malformed record among them) is read into memory
+    by `load_records` instead, so that each bad record stays a counted skip."""
+    path = Path(path)
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
+            raise DataFormatError(f"{path}: a folder, but not one written by datasets' save_to_disk")
+        records = _datasets().load_from_disk(str(path))
+        if not hasattr(records, "column_names") or isinstance(records.column_names, dict):  # a DatasetDict
+            if "train" not in records:
+                raise DataFormatError(f"{path}: a dataset with splits {sorted(records)} and no 'train' split")
+            records = records["train"]
+    elif not path.is_file():
+        raise DataFormatError(f"data file {path} not found")
+    elif path.suffix.lower() == ".parquet":
+        records = _datasets().load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        try:
+            records = _datasets().load_dataset("json", data_files=str(path), split="train")
+        except Exception:  # not JSON (load_records names the line), or records of different shapes
+            return load_records(path)
+    if len(records) == 0:
+        raise DataFormatError(f"{path}: no records")
+    return records
+
+
+def normalize_record(record):
+    """A record in the `messages` + `images` format ({"messages": [{"role", "content": a string or a list of
+    {"type": "image"} and {"type": "text", "text"} items}], "images": [...]}) as a LLaVA record: each image item
+    becomes "<image>\\n" where it is in its turn, the images stay as given. Other records are returned as they are."""
+    if not isinstance(record, dict) or "messages" not in record or record.get("conversations") is not None:
+        return record
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        raise SampleError("malformed record", f"'messages' is a {type(messages).__name__}, not a list")
+    conversations = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise SampleError("malformed record", f"message {i} is not an object with a 'role'")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image":  # written as LLaVA writes it: on a line of its own
+                    parts.append(IMAGE_TOKEN + "\n")
+                elif kind == "text" and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                else:
+                    raise SampleError("malformed record", f"message {i}: a content item of type {kind!r}")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise SampleError("malformed record", f"message {i}: content is a {type(content).__name__}")
+        conversations.append({"from": m["role"], "value": content})
+    out = {k: v for k, v in record.items() if k not in ("messages", "images")}
+    images = record.get("images")
+    return {**out, "conversations": conversations, **({"image": images} if images else {})}
+
+
+def open_image_source(source, folder: str | Path = "") -> Image.Image:
+    """An image in RGB from a path (relative to `folder`), bytes, datasets' {"bytes", "path"} storage or an image
+    `datasets.Image` already decoded."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(source)) as im:
+                return im.convert("RGB")
+        except Exception as e:
+            raise SampleError("unreadable image", f"embedded image: {e}") from None
+    if not isinstance(source, str) or not source:
+        raise SampleError("malformed record", f"an image given as a {type(source).__name__}")
+    path = Path(folder) / source
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise SampleError("missing image", str(path)) from None
+    except Exception as e:  # truncated or not an image
+        raise SampleError("unreadable image", f"{path}: {e}") from None
+
+
 @dataclass
 class SkipLog:
     """Logs skipped samples with id and index, the first few of each reason (per process: the trainer counts)."""
@@ -101,6 +197,10 @@ def load_image(path: Path, image_processor, aspect_ratio: str = "pad") -> torch.
             image = im.convert("RGB")
     except Exception as e:  # PIL raises several types for corrupt or truncated files
         raise SampleError("unreadable image", f"{path}: {e}") from None
+    return process_image(image, image_processor, aspect_ratio)
+
+
+def process_image(image: Image.Image, image_processor, aspect_ratio: str = "pad") -> torch.Tensor:
     if aspect_ratio == "pad":
         fill = tuple(int(255 * x) for x in getattr(image_processor, "image_mean", (0.5, 0.5, 0.5)))
         image = expand_to_square(image, fill)
@@ -149,6 +249,19 @@ def _encode_piece(tokenizer, text: str, base: int, content: Sequence[tuple[int, 
             raise SampleError("special token text in content", f"a token at characters {s}-{e} straddles a "
                                                                f"literal special-token string and the template")
     return Encoding(out_ids, out_offsets)
+
+
+def encode_text(tokenizer, text: str, content: Sequence[tuple[int, int]], add_special_tokens: bool) -> Encoding:
+    """One tokenizer call over `text` in which special-token strings inside the `content` spans (the messages' own
+    text) stay text, as in `encode` (the generic recipe's rendering has no "<image>" pieces to split on)."""
+    return _encode_piece(tokenizer, text, 0, content, add_special_tokens, special_token_ids(tokenizer))
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """The tokenizer's named special tokens and every added token marked special (chat markers such as Gemma's
+    <end_of_turn> are often only the latter)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
 
 
 def encode(tokenizer, rendered: Rendered, image_token_id: int, add_special_tokens: bool = True) -> Encoding:
@@ -201,31 +314,86 @@ class LlavaDataConfig:
     end_of_turn: Optional[str] = None  # chat template: the marker supervised after each answer (default: eos)
 
 
-class RecordDataset(torch.utils.data.Dataset):
-    """LLaVA records, read lazily: a subclass's `build(record, index)` makes the sample when it is asked for."""
+def _words(record) -> int:
+    """Words in a record's turns as LLaVA counts them ("<image>" included), in either format (1 for a malformed
+    record: it is skipped when read)."""
+    try:
+        turns = normalize_record(record).get("conversations")
+    except (SampleError, AttributeError):
+        return 1
+    if not isinstance(turns, list):
+        return 1
+    return sum(len(str(c.get("value", "")).split()) for c in turns if isinstance(c, dict))
 
-    def __init__(self, records: list, data_path: str, image_folder: str, skips: Optional[SkipLog] = None):
+
+IMAGE_FIELDS = ("image", "images")
+
+
+def _image_flags(records) -> tuple[list[bool], int]:
+    """Per record whether it has an image, and how many records give theirs as a path (an image folder is needed).
+    A datasets.Dataset is read column by column, without decoding its images."""
+    if isinstance(records, list):
+        flags, paths = [], 0
+        for r in records:
+            value = next((r.get(k) for k in IMAGE_FIELDS if isinstance(r, dict) and r.get(k)), None)
+            flags.append(bool(value))
+            paths += isinstance(value, str) or (isinstance(value, list) and any(isinstance(v, str) for v in value))
+        return flags, paths
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    flags, paths = [False] * len(records), 0
+    for name in (k for k in IMAGE_FIELDS if k in records.column_names):
+        column = records.data.column(name)
+        kind = column.type
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            present = pc.fill_null(pc.greater(pc.list_value_length(column), 0), False)
+            is_path = pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
+        elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            present = pc.fill_null(pc.greater(pc.utf8_length(column), 0), False)
+            is_path = True
+        else:  # datasets.Image storage, bytes
+            present, is_path = pc.is_valid(column), False
+        present = present.to_pylist()
+        flags = [f or p for f, p in zip(flags, present)]
+        paths += sum(present) if is_path else 0
+    return flags, paths
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """Records, read lazily (a list, or a memory-mapped datasets.Dataset from `open_records`): a subclass's
+    `build(record, index)` makes the sample when it is asked for, from the record in LLaVA's format
+    (`normalize_record`)."""
+
+    def __init__(self, records: Sequence, data_path: str, image_folder: str, skips: Optional[SkipLog] = None):
         self.records = records
         self.skips = skips or SkipLog()
-        with_image = sum(1 for r in self.records if isinstance(r, dict) and r.get("image"))
-        if with_image and not Path(image_folder).is_dir():
-            raise DataFormatError(f"image folder {image_folder!r} not found ({with_image} records of "
-                                  f"{data_path or 'the data'} have an image)")
+        self.has_image, with_paths = _image_flags(records)
+        if with_paths and not Path(image_folder).is_dir():
+            raise DataFormatError(f"image folder {image_folder!r} not found ({with_paths} records of "
+                                  f"{data_path or 'the data'} give their image as a path)")
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _texts(self):
+        """The records without their image columns (a Dataset's are not decoded), in order."""
+        if isinstance(self.records, list):
+            yield from self.records
+            return
+        columns = [c for c in ("conversations", "messages") if c in self.records.column_names]
+        if not columns:
+            yield from ({} for _ in range(len(self.records)))
+            return
+        for batch in self.records.select_columns(columns).iter(batch_size=4096):
+            for i in range(len(batch[columns[0]])):
+                yield {c: batch[c][i] for c in columns}
+
     def modality_lengths_for(self, image_tokens: int) -> list[int]:
         """LLaVA's length estimate for grouping: words in the conversation (+ `image_tokens`), positive for
         samples with an image and negative for text-only ones."""
-        out = []
-        for r in self.records:  # malformed records get a length here and are skipped when read
-            record = r if isinstance(r, dict) else {}
-            conv = record.get("conversations")
-            words = sum(len(str(c.get("value", "")).split()) for c in conv if isinstance(c, dict)) \
-                if isinstance(conv, list) else 1
-            out.append(words + image_tokens if record.get("image") else -max(words, 1))
-        return out
+        return [_words(r) + image_tokens if image else -max(_words(r), 1)
+                for r, image in zip(self._texts(), self.has_image)]
 
     def __getitem__(self, index: int) -> dict:
         """The sample, or {"skip": reason} for one that cannot be used (logged here, counted by the trainer
@@ -233,7 +401,7 @@ class RecordDataset(torch.utils.data.Dataset):
         record = self.records[index]
         sample_id = record.get("id", index) if isinstance(record, dict) else index
         try:
-            return self.build(record, index)
+            return self.build(normalize_record(record), index)
         except SampleError as e:
             self.skips.skip(e.reason, index, sample_id, str(e))
             return {"skip": e.reason, "id": sample_id, "index": index}
@@ -246,9 +414,9 @@ class LlavaDataset(RecordDataset):
     """Lazy: records are parsed at load, tokenised and their images read when a sample is asked for."""
 
     def __init__(self, config: LlavaDataConfig, tokenizer, image_processor, image_token_id: int,
-                 image_seq_length: int, records: Optional[list[dict]] = None, skips: Optional[SkipLog] = None):
+                 image_seq_length: int, records: Optional[Sequence] = None, skips: Optional[SkipLog] = None):
         self.config = config
-        super().__init__(records if records is not None else load_records(config.data_path), config.data_path,
+        super().__init__(records if records is not None else open_records(config.data_path), config.data_path,
                          config.image_folder, skips)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -263,21 +431,29 @@ class LlavaDataset(RecordDataset):
     def build(self, record: dict, index: int = -1) -> dict:
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise SampleError("malformed record", "expected an object with a 'conversations' list")
-        has_image = bool(record.get("image"))
-        if has_image and not isinstance(record["image"], str):
-            raise SampleError("malformed record", f"'image' is a {type(record['image']).__name__}, not a path")
+        image = record.get("image")
+        if isinstance(image, list):  # the messages format's "images"; LLaVA-1.5 takes one image
+            if len(image) > 1:
+                raise SampleError("malformed record", f"{len(image)} images (LLaVA-1.5 takes one)")
+            image = image[0] if image else None
+        has_image = image is not None and image != ""
+        if has_image and not isinstance(image, (str, bytes, dict, Image.Image)):
+            raise SampleError("malformed record", f"'image' is a {type(image).__name__}, not a path")
         try:
             turns = parse_turns(record["conversations"], has_image)
             input_ids, labels = self.tokenize(turns, has_image)
         except ConversationError as e:
             raise SampleError("malformed record", str(e)) from None
-        pixel_values = self.load_image(record["image"]) if has_image else None
+        pixel_values = self.load_image(image) if has_image else None
         return {"id": record.get("id", index), "input_ids": input_ids, "labels": labels,
                 "pixel_values": pixel_values}
 
-    def load_image(self, relative: str) -> torch.Tensor:
-        return load_image(Path(self.config.image_folder) / relative, self.image_processor,
-                          self.config.image_aspect_ratio)
+    def load_image(self, source) -> torch.Tensor:
+        """A path relative to the image folder (LLaVA's), or an embedded image (bytes, datasets.Image)."""
+        if isinstance(source, str):
+            return load_image(Path(self.config.image_folder) / source, self.image_processor,
+                              self.config.image_aspect_ratio)
+        return process_image(open_image_source(source), self.image_processor, self.config.image_aspect_ratio)
 
     def render(self, turns):
         tok = self.tokenizer

@@ -216,6 +216,8 @@ def _decode(model, tokenizer, questions: list[dict], prepare, *, batch_size: int
         upcoming = pool.submit(prepare, batches[0]) if batches else None
         for k, batch in enumerate(batches):
             inputs = upcoming.result()
+            # prepare may hand the rows to the model in another order: (inputs, original index of each row)
+            inputs, order = inputs if isinstance(inputs, tuple) else (inputs, range(len(batch)))
             upcoming = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
             inputs = {key: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for key, v in inputs.items()}
             width = inputs["input_ids"].shape[1]
@@ -224,7 +226,9 @@ def _decode(model, tokenizer, questions: list[dict], prepare, *, batch_size: int
                     inputs.update(prefix_cache(model, *(inputs.pop(key) for key in PREFIX_KEYS)))
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            texts = [""] * len(batch)
+            for row, text in zip(order, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
+                texts[row] = text
             # "prompt" is the question text, as in LLaVA's answer files: TextVQA is matched on it
             yield [{"question_id": q["question_id"], "prompt": q["text"], "text": text.strip(), "model_id": model_id}
                    for q, text in zip(batch, texts)]
@@ -240,7 +244,9 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
     every input its model needs. Greedy, left-padded."""
     from PIL import Image
 
-    from data.vlm_chat import add_special_tokens
+    from data.vlm_chat import add_special_tokens, builds_own_labels, image_rows_first, processor_batch
+
+    prompt_only = builds_own_labels(processor)  # PaliGemma: the question after the image tokens, no chat template
 
     def prepare(batch: list[dict]):
         texts, images = [], []
@@ -254,11 +260,16 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
                         row.append(im.convert("RGB"))
                 except Exception as e:
                     raise InputError(f"question {q['question_id']}: image {q['image']}: {e}") from None
-            texts.append(processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                       add_generation_prompt=True))
+            if prompt_only:
+                texts.append(getattr(processor, "image_token", "<image>") * len(row) + q["text"])
+            else:
+                texts.append(processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                           add_generation_prompt=True))
             images.append(row)
-        return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt",
-                         add_special_tokens=add_special_tokens(processor.tokenizer, texts[0]))
+        order = image_rows_first(images)  # what every family's processor can batch (data/vlm_chat.py)
+        texts, images = [texts[i] for i in order], [images[i] for i in order]
+        return processor_batch(processor, texts, images,
+                               add_special_tokens=add_special_tokens(processor.tokenizer, texts[0])), order
 
     yield from _decode(model, processor.tokenizer, questions, prepare, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, model_id=model_id, progress=progress, already_done=already_done)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from recipes.config import ConfigError
-from recipes.preflight import check_model
+from recipes.preflight import check_model, remote_code_refused
 
 # Part of a module, from its qualified name: first match wins (a connector can sit inside the vision tower, as
 # Qwen2-VL's visual.merger does). Names as transformers' families spell them.
@@ -140,26 +140,44 @@ def free_parameters(model: nn.Module) -> list[tuple[str, tuple, str]]:
     return out
 
 
-def load_config(source: str):
+def remote_code_error(source: str) -> InspectError:
+    return InspectError(f"{source} needs the code in its own repository to be built (transformers does not know "
+                        f"its model type): rerun with --trust-remote-code if you trust that code")
+
+
+def load_config(source: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = Path(source)
-    if path.is_file():  # a config.json on its own
+    if path.is_file() and not trust_remote_code:  # a config.json on its own (remote code needs its folder)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "config.json").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
-            return AutoConfig.from_pretrained(tmp)
+            try:
+                return AutoConfig.from_pretrained(tmp)
+            except ValueError as e:
+                if remote_code_refused(e):
+                    raise remote_code_error(source) from None
+                raise
     if path.is_dir() and not (path / "config.json").is_file():
         raise InspectError(f"{path}: no config.json")
-    return AutoConfig.from_pretrained(source)
+    try:
+        return AutoConfig.from_pretrained(str(path.parent) if path.is_file() else source,
+                                          trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if remote_code_refused(e):
+            raise remote_code_error(source) from None
+        raise
 
 
-def build_on_meta(config) -> nn.Module:
+def build_on_meta(config, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForImageTextToText
 
     try:
         with torch.device("meta"):
-            return AutoModelForImageTextToText.from_config(config)
+            return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as e:
+        if remote_code_refused(e):
+            raise remote_code_error(getattr(config, "_name_or_path", "") or config.model_type) from None
         raise InspectError(f"{type(config).__name__} ({config.model_type}) is not an image-text-to-text model "
                            f"transformers knows: {e}") from None
 
@@ -208,11 +226,12 @@ def to_yaml(section: dict, free: list[tuple]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def inspect_model(source: str, rank: int = 128, alpha: float = 256, dropout: float = 0.05) -> dict:
+def inspect_model(source: str, rank: int = 128, alpha: float = 256, dropout: float = 0.05,
+                  trust_remote_code: bool = False) -> dict:
     from dora import apply_dora
 
-    config = load_config(source)
-    model = build_on_meta(config)
+    config = load_config(source, trust_remote_code)
+    model = build_on_meta(config, trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     patterns = linear_patterns(model)
     free = free_parameters(model)
@@ -270,10 +289,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.05, help="LLaVA-1.5 DoRA: 0.05")
     parser.add_argument("--out", type=Path, help="write the proposed dora: section to this YAML file")
     parser.add_argument("--json", action="store_true", help="print the patterns and proposal as JSON")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="build a model whose code comes with its checkpoint (Phi-3.5-vision, InternVL2): runs "
+                             "that code; training it needs model.trust_remote_code: true")
     args = parser.parse_args(argv)
     try:
         check_model("model", args.model)
-        result = inspect_model(args.model, args.rank, args.alpha, args.dropout)
+        result = inspect_model(args.model, args.rank, args.alpha, args.dropout, args.trust_remote_code)
     except (InspectError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -57,6 +57,16 @@ def check_file(key: str, path: Optional[str]) -> None:
         raise ConfigError(f"{key}: {path} not found" + (" (a folder, not a file)" if Path(path).is_dir() else ""))
 
 
+def check_data(key: str, path: Optional[str]) -> None:
+    """A data file, or a folder written by datasets' save_to_disk."""
+    if path and not Path(path).is_file():
+        if Path(path).is_dir():
+            if not any((Path(path) / name).is_file() for name in ("state.json", "dataset_dict.json")):
+                raise ConfigError(f"{key}: {path} is a folder, but not one written by datasets' save_to_disk")
+        else:
+            raise ConfigError(f"{key}: {path} not found")
+
+
 def check_folder(key: str, path: Optional[str]) -> None:
     if path and not Path(path).is_dir():
         raise ConfigError(f"{key}: folder {path} not found" + (" (a file)" if Path(path).is_file() else ""))
@@ -71,3 +81,9 @@ def check_output(key: str, path: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"{key}: cannot write in {path} ({e.strerror or e})") from None
+
+
+def remote_code_refused(error: BaseException) -> bool:
+    """transformers' refusal to load a checkpoint that needs the code in its own repository (Phi-3.5-vision,
+    InternVL2) without trust_remote_code=True."""
+    return isinstance(error, ValueError) and "trust_remote_code" in str(error)

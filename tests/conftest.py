@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 
@@ -6,6 +7,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# datasets' Arrow cache of the tests' data files, out of the user's ~/.cache (children inherit it)
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.gettempdir(), f"dora-tests-datasets-{os.getuid()}"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,60 +1,207 @@
-"""Tiny random checkpoints of other VLM families, saved as the hub ships them (model + processor with its chat
-template), for the generic recipe's tests: LLaVA-NeXT, Qwen2-VL, Idefics3 and Gemma 3.
+"""Tiny random checkpoints of VLM families, saved as the hub ships them (model + processor with its chat template),
+for the generic recipe's tests.
 
-The tokenizer is a byte-level BPE trained here on the test's sentences plus each family's special tokens; the
-chat template is a small one of our own that places each family's image placeholder where the real templates do
-(inside the user turn), so that the recipe meets what it meets on real checkpoints: content lists with
-{"type": "image"} items, a processor that expands the placeholder, extra inputs per family.
+Each family has the real checkpoint's processor class, a tokenizer of the real one's kind (a sentencepiece
+Llama-style model with byte fallback and split digits for LLaVA-1.5 / LLaVA-NeXT, whose vicuna and mistral
+tokenizers are of that kind; byte-level BPE for the Qwen2, Llama 3 and SmolLM families), and a chat template of our
+own that renders the same text as the real checkpoint's template on the conversations the recipe makes (user
+turns with images and text, assistant turns with text: multi-turn, multi-image, text-only), quirks included.
+`TEMPLATE_SOURCES` names the real template each one was compared with; tests/vlm_template_renderings.py holds
+what those render, tests/test_vlm_chat.py checks ours against it.
+
+The tokenizers are trained here on the test's sentences plus each family's special tokens.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
-FAMILIES = ("llava_next", "qwen2_vl", "idefics3", "gemma3")
+# The families the recipe test trains end to end (tests/test_vlm_recipe.py), and all those with a real template
+FAMILIES = ("llava_next", "qwen2_vl", "idefics3", "gemma3", "mllama", "llava_onevision")
+TEMPLATE_FAMILIES = ("llava", "llava_next", "llava_next_mistral", "llava_next_mistral_bs", "llava_onevision",
+                     "qwen2_vl", "idefics3", "smolvlm", "gemma3", "mllama")
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-ROLES = ["<|user|>", "<|assistant|>", "<|end|>"]
-PLACEHOLDER = {"llava_next": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-               "idefics3": "<image>", "gemma3": "<start_of_image>"}
-FAMILY_TOKENS = {"llava_next": ["<image>"], "qwen2_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
-                                                         "<|video_pad|>"],
-                 "idefics3": ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
-                 + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)],
-                 "gemma3": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]}
+
+# --- chat templates: ours, each rendering what the named real template renders (see the module docstring) ---------
+# llava-1.5-hf: "USER: <image>\n{q} ASSISTANT: {a} USER: ..." - a space after every message, no end marker, and the
+# generation prompt "ASSISTANT:" without the space that follows it inside a conversation
+LLAVA_15 = ("{% for m in messages %}"
+            "{% if m.role != 'system' %}{{ m.role | upper ~ ': ' }}{% endif %}"
+            "{% for c in m.content if c.type == 'image' %}{{ '<image>\\n' }}{% endfor %}"
+            "{% for c in m.content if c.type == 'text' %}{{ c.text ~ ' ' }}{% endfor %}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
-def chat_template(family: str) -> str:
-    image = PLACEHOLDER[family]
-    # Gemma 3's template writes the BOS itself and its tokenizer adds one too (as Llama 3's and Mllama's do)
-    return ("{{ bos_token }}" if family == "gemma3" else "") + ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['content'] is string %}{{ m['content'] }}"
-            "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}" + image + "{% else %}"
-            "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|end|>\\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+def _mistral(end: str) -> str:
+    """llava-v1.6-mistral-hf: "[INST] <image>\\n{q} [/INST] {a}{end} [INST] ..." and no generation prompt."""
+    return ("{% for m in messages %}"
+            "{% if m.role == 'system' %}{{ '<<SYS>>\\n' ~ m.content[0].text ~ '\\n<</SYS>>\\n\\n' }}"
+            "{% elif m.role == 'user' %}{{ '[INST] ' }}"
+            "{% for c in m.content if c.type == 'image' %}{{ '<image>\\n' }}{% endfor %}"
+            "{% for c in m.content if c.type == 'text' %}{{ c.text }}{% endfor %}{{ ' [/INST]' }}"
+            "{% elif m.role == 'assistant' %}{{ ' ' ~ m.content[0].text ~ '" + end + " ' }}"
+            "{% else %}{{ raise_exception('user and assistant turns only') }}{% endif %}"
+            "{% endfor %}")
 
 
-def _tokenizer(family: str, texts: Iterable[str], vocab_size: int = 400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# the hub revision that ends an answer with the four characters <\s>, and the later one with the EOS "</s>"
+LLAVA_NEXT_MISTRAL_BS = _mistral("<\\\\s>")
+LLAVA_NEXT_MISTRAL = _mistral("</s>")
+# llava-onevision-hf: "<|im_start|>user <image>\n{q}<|im_end|><|im_start|>assistant \n{a}<|im_end|>" - a space after
+# the role and no newline between turns, but the generation prompt "<|im_start|>assistant\n"
+LLAVA_ONEVISION = ("{% for m in messages %}{{ '<|im_start|>' ~ m.role ~ ' ' }}"
+                   "{% for c in m.content if c.type == 'image' %}{{ '<image>' }}{% endfor %}"
+                   "{% for c in m.content if c.type == 'video' %}{{ '<video>' }}{% endfor %}"
+                   "{% for c in m.content if c.type == 'text' %}{{ '\\n' ~ c.text }}{% endfor %}"
+                   "{{ '<|im_end|>' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Qwen2-VL-Instruct and Qwen2.5-VL-Instruct (the same template): a default system turn
+QWEN2_VL = ("{% for m in messages %}"
+            "{% if loop.first and m.role != 'system' %}"
+            "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+            "{{ '<|im_start|>' ~ m.role ~ '\\n' }}"
+            "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+            "{% if c.type == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+            "{% elif c.type == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+            "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}"
+            "{{ '<|im_end|>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _idefics3(start: str) -> str:
+    """Idefics3-8B-Llama3 and SmolVLM-Instruct: "User:<image>{q}<end_of_utterance>\\nAssistant: {a}..." - no space
+    after the colon when the turn opens with an image."""
+    return ("{{ '" + start + "' }}{% for m in messages %}{{ m.role | capitalize }}"
+            "{{ ':' if m.content[0].type == 'image' else ': ' }}"
+            "{% for c in m.content %}{% if c.type == 'text' %}{{ c.text }}"
+            "{% elif c.type == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+            "{{ '<end_of_utterance>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+IDEFICS3 = _idefics3("<|begin_of_text|>")
+SMOLVLM = _idefics3("<|im_start|>")
+# gemma-3-it: the BOS written by the template, "model" for the assistant, texts trimmed, a system turn folded into
+# the first user turn
+GEMMA3 = ("{{ bos_token }}"
+          "{% if messages[0].role == 'system' %}"
+          "{% set first = messages[0].content if messages[0].content is string else messages[0].content[0].text %}"
+          "{% set prefix, turns = first ~ '\\n\\n', messages[1:] %}"
+          "{% else %}{% set prefix, turns = '', messages %}{% endif %}"
+          "{% for m in turns %}"
+          "{{ '<start_of_turn>' ~ ('model' if m.role == 'assistant' else m.role) ~ '\\n' ~ (prefix if loop.first "
+          "else '') }}"
+          "{% if m.content is string %}{{ m.content | trim }}{% else %}{% for c in m.content %}"
+          "{% if c.type == 'image' %}{{ '<start_of_image>' }}{% elif c.type == 'text' %}{{ c.text | trim }}"
+          "{% endif %}{% endfor %}{% endif %}"
+          "{{ '<end_of_turn>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+# Llama-3.2-11B-Vision-Instruct: the BOS written by the template, and a dated system turn only in conversations
+# without images (today's date unless `date_string` is given)
+MLLAMA = ("{{ bos_token }}"
+          "{% set ns = namespace(images=false) %}"
+          "{% for m in messages if m.content is not string %}{% for c in m.content if c.type == 'image' %}"
+          "{% set ns.images = true %}{% endfor %}{% endfor %}"
+          "{% if messages[0].role == 'system' %}{% set system, turns = messages[0].content | trim, messages[1:] %}"
+          "{% else %}{% set system, turns = '', messages %}{% endif %}"
+          "{% if not ns.images %}"
+          "{% if date_string is not defined %}"
+          "{% set date_string = strftime_now('%d %b %Y') if strftime_now is defined else '26 Jul 2024' %}"
+          "{% endif %}"
+          "{{ '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\nToday Date: ' "
+          "~ date_string ~ '\\n\\n' ~ system ~ '<|eot_id|>' }}"
+          "{% endif %}"
+          "{% for m in turns %}{{ '<|start_header_id|>' ~ m.role ~ '<|end_header_id|>\\n\\n' }}"
+          "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+          "{% if c.type == 'image' %}{{ '<|image|>' }}{% elif c.type == 'text' %}{{ c.text }}{% endif %}"
+          "{% endfor %}{% endif %}{{ '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+TEMPLATES = {"llava": LLAVA_15, "llava_next": LLAVA_15, "llava_next_mistral": LLAVA_NEXT_MISTRAL,
+             "llava_next_mistral_bs": LLAVA_NEXT_MISTRAL_BS, "llava_onevision": LLAVA_ONEVISION, "qwen2_vl": QWEN2_VL,
+             "idefics3": IDEFICS3, "smolvlm": SMOLVLM, "gemma3": GEMMA3, "mllama": MLLAMA}
+# The real template each of ours renders the same text as (tests/test_vlm_chat.py; README "Adapt to a new VLM")
+TEMPLATE_SOURCES = {
+    "llava": "llava-hf/llava-1.5-7b-hf chat_template.json",
+    "llava_next": "llava-hf/llava-v1.6-vicuna-7b-hf chat_template.json (the llava-1.5-hf template)",
+    "llava_next_mistral": "llava-hf/llava-v1.6-mistral-7b-hf chat_template.json, revision ending answers with </s>",
+    "llava_next_mistral_bs": "llava-hf/llava-v1.6-mistral-7b-hf chat_template.json, revision ending answers with <\\s>",
+    "llava_onevision": "llava-hf/llava-onevision-qwen2-*-ov-hf chat_template.json",
+    "qwen2_vl": "Qwen/Qwen2-VL-*-Instruct and Qwen/Qwen2.5-VL-*-Instruct chat_template.json",
+    "idefics3": "HuggingFaceM4/Idefics3-8B-Llama3 chat_template.json",
+    "smolvlm": "HuggingFaceTB/SmolVLM-Instruct chat_template.json",
+    "gemma3": "google/gemma-3-*-it chat template (both revisions)",
+    "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct chat_template.json (both revisions)",
+}
+
+# --- tokenizers ----------------------------------------------------------------------------------------------------
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eot_id|>"]
+IDEFICS3_SPECIAL = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+GEMMA_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                 "<end_of_image>", "<image_soft_token>"]
+# family: (special tokens, bos, eos, pad, whether the tokenizer adds the BOS itself)
+BPE_TOKENIZERS = {
+    "qwen2_vl": (QWEN_SPECIAL, None, "<|im_end|>", "<|endoftext|>", False),
+    "llava_onevision": (QWEN_SPECIAL + ["<image>", "<video>"], None, "<|im_end|>", "<|endoftext|>", False),
+    "idefics3": (LLAMA3_SPECIAL + IDEFICS3_SPECIAL, "<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>", True),
+    "smolvlm": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + IDEFICS3_SPECIAL, "<|im_start|>",
+                "<end_of_utterance>", "<|im_end|>", False),
+    "gemma3": (GEMMA_SPECIAL, "<bos>", "<eos>", "<pad>", True),
+    "mllama": (LLAMA3_SPECIAL + ["<|image|>"], "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", True),
+    # PaliGemma's processor adds <image> and its location and segmentation tokens itself, and writes BOS and EOS
+    "paligemma": (["<pad>", "<eos>", "<bos>", "<unk>"], "<bos>", "<eos>", "<pad>", False),
+}
+
+
+def _bpe_tokenizer(family: str, texts: Iterable[str], vocab_size: int = 400):
+    """Byte-level BPE, as Qwen2's, Llama 3's, SmolLM's; Gemma's is sentencepiece, but BPE is enough for its labels."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<pad>", "<bos>", "<unk>"] + ROLES + FAMILY_TOKENS[family]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    special, bos, eos, pad, adds_bos = BPE_TOKENIZERS[family]
+    tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(list(texts), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                              show_progress=False))
+    if adds_bos:  # Llama 3 and Gemma add the BOS, which their templates write too
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[
+            (bos, tok.token_to_id(bos))])
     extra = {}
-    if family == "gemma3":
-        from tokenizers import processors
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[
-            ("<bos>", tok.token_to_id("<bos>"))])  # Gemma3Processor reads these names from its tokenizer
+    if family == "gemma3":  # Gemma3Processor reads these names from its tokenizer
         extra = dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>",
                      extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                            "image_token": "<image_soft_token>"})
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<|end|>",
-                                   unk_token="<unk>", additional_special_tokens=ROLES + FAMILY_TOKENS[family],
-                                   **extra)
+    named = {t for t in (bos, eos, pad) if t}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   additional_special_tokens=[t for t in special if t not in named], **extra)
+
+
+def _sentencepiece_tokenizer():
+    """vicuna's (and mistral's) kind: sentencepiece BPE, byte fallback, split digits, "▁" prefix; <image> and
+    <pad> added as llava-hf's conversions add them."""
+    from transformers import AutoTokenizer
+
+    from vicuna_tokenizer import make_vicuna_like_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(make_vicuna_like_tokenizer(Path(tmp)))
+    tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def family_tokenizer(family: str, texts: Iterable[str]):
+    if family in ("llava", "llava_next", "llava_next_mistral", "llava_next_mistral_bs"):
+        return _sentencepiece_tokenizer()
+    return _bpe_tokenizer(family, texts)
 
 
 def build_family(family: str, out: str | Path, texts: Iterable[str], seed: int = 0) -> Path:
@@ -64,22 +211,44 @@ def build_family(family: str, out: str | Path, texts: Iterable[str], seed: int =
     from transformers import AutoModelForImageTextToText
 
     out = Path(out)
-    tokenizer = _tokenizer(family, texts)
+    tokenizer = family_tokenizer(family, texts)
+    template = TEMPLATES.get(family)
     ids = lambda t: tokenizer.convert_tokens_to_ids(t)  # noqa: E731
-    common = dict(vocab_size=len(tokenizer), pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"),
-                  eos_token_id=ids("<|end|>"))
-    if family == "llava_next":
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    clip = {"model_type": "clip_vision_model", **VISION, "image_size": 32, "patch_size": 8}
+    if family == "llava":
+        from transformers import CLIPImageProcessor, LlavaConfig, LlavaProcessor
+        config = LlavaConfig(text_config={"model_type": "llama", **TEXT, **common}, vision_config=clip,
+                             image_token_index=ids("<image>"), vision_feature_layer=-1)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", chat_template=template,
+                                   num_additional_image_tokens=1)
+    elif family.startswith("llava_next"):
         from transformers import LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor
-        config = LlavaNextConfig(text_config={"model_type": "llama", **TEXT, **common},
-                                 vision_config={"model_type": "clip_vision_model", **VISION, "image_size": 32,
-                                                "patch_size": 8},
-                                 image_token_index=ids("<image>"), image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
+        pinpoints = [[32, 32], [32, 64], [64, 32]]
+        config = LlavaNextConfig(text_config={"model_type": "llama", **TEXT, **common}, vision_config=clip,
+                                 image_token_index=ids("<image>"), image_grid_pinpoints=pinpoints,
                                  vision_feature_layer=-1)
         image_processor = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                                  image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]])
+                                                  image_grid_pinpoints=pinpoints)
         processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                                       vision_feature_select_strategy="default", chat_template=chat_template(family),
+                                       vision_feature_select_strategy="default", chat_template=template,
                                        num_additional_image_tokens=1)
+    elif family == "llava_onevision":
+        from transformers import (LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
+                                  LlavaOnevisionVideoProcessor)
+        pinpoints = [[32, 32], [32, 64], [64, 32]]
+        config = LlavaOnevisionConfig(text_config={"model_type": "qwen2", **TEXT, **common},
+                                      vision_config={"model_type": "siglip_vision_model", **VISION, "image_size": 32,
+                                                     "patch_size": 8},
+                                      image_token_index=ids("<image>"), video_token_index=ids("<video>"),
+                                      image_grid_pinpoints=pinpoints, vision_feature_layer=-1)
+        image_processor = LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+        processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                            video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=16,
+                                            vision_feature_select_strategy="full", chat_template=template)
     elif family == "qwen2_vl":
         from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
         config = Qwen2VLConfig(text_config={**TEXT, **common, "rope_scaling": {"type": "mrope",
@@ -91,8 +260,8 @@ def build_family(family: str, out: str | Path, texts: Iterable[str], seed: int =
                                **common)
         image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
         processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                     video_processor=Qwen2VLVideoProcessor(), chat_template=chat_template(family))
-    elif family == "idefics3":
+                                     video_processor=Qwen2VLVideoProcessor(), chat_template=template)
+    elif family in ("idefics3", "smolvlm"):  # SmolVLM-Instruct is an Idefics3 checkpoint with SmolLM's tokenizer
         from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
         config = Idefics3Config(text_config={"model_type": "llama", **TEXT, **common},
                                 vision_config={**VISION, "image_size": 32, "patch_size": 8}, scale_factor=2,
@@ -100,7 +269,7 @@ def build_family(family: str, out: str | Path, texts: Iterable[str], seed: int =
         image_processor = Idefics3ImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
                                                  do_image_splitting=False)
         processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                      chat_template=chat_template(family))
+                                      chat_template=template)
     elif family == "gemma3":
         from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor
         config = Gemma3Config(text_config={**TEXT, **common, "head_dim": 16, "sliding_window": 64},
@@ -109,11 +278,65 @@ def build_family(family: str, out: str | Path, texts: Iterable[str], seed: int =
                               image_token_index=ids("<image_soft_token>"), **common)
         image_processor = Gemma3ImageProcessor(size={"height": 32, "width": 32})
         processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
-                                    chat_template=chat_template(family))
+                                    chat_template=template)
+    elif family == "paligemma":  # no chat template: the processor makes the labels from a prompt and a `suffix`
+        from transformers import PaliGemmaConfig, PaliGemmaProcessor, SiglipImageProcessor
+        image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+        image_processor.image_seq_length = 16  # (32 / 8) ** 2 patches
+        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        common["vocab_size"] = len(tokenizer)  # with the tokens the processor added
+        config = PaliGemmaConfig(text_config={"model_type": "gemma", **TEXT, **common, "head_dim": 16},
+                                 vision_config={"model_type": "siglip_vision_model", **VISION, "image_size": 32,
+                                                "patch_size": 8},
+                                 image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projection_dim=64,
+                                 **common)
+    elif family == "mllama":
+        from transformers import MllamaConfig, MllamaImageProcessor, MllamaProcessor
+        config = MllamaConfig(text_config={**TEXT, **common, "cross_attention_layers": [1]},
+                              vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                             "num_global_layers": 1, "attention_heads": 2, "image_size": 32,
+                                             "patch_size": 8, "max_num_tiles": 2, "vision_output_dim": 64,
+                                             "intermediate_layers_indices": [0],
+                                             "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]]},
+                              image_token_index=ids("<|image|>"))
+        image_processor = MllamaImageProcessor(size={"height": 32, "width": 32}, max_image_tiles=2)
+        processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
     else:
-        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; one of {TEMPLATE_FAMILIES}")
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return out
+
+
+REMOTE_CONFIG = '''from transformers import LlavaConfig
+
+
+class TinyRemoteConfig(LlavaConfig):
+    model_type = "tiny_remote_vlm"
+'''
+REMOTE_MODEL = '''from transformers import LlavaForConditionalGeneration
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = TinyRemoteConfig
+'''
+
+
+def build_remote_code_checkpoint(out: str | Path, texts: Iterable[str]) -> Path:
+    """The "llava" family saved as a checkpoint that brings its own code (as Phi-3.5-vision and InternVL2 do): a
+    model type transformers does not know, classes named by the config's auto_map, their files beside it."""
+    import json
+
+    out = build_family("llava", out, texts)
+    config = json.loads((out / "config.json").read_text())
+    config["model_type"] = "tiny_remote_vlm"
+    config["auto_map"] = {"AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+                          "AutoModelForImageTextToText": "modeling_tiny_remote.TinyRemoteForConditionalGeneration"}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / "configuration_tiny_remote.py").write_text(REMOTE_CONFIG)
+    (out / "modeling_tiny_remote.py").write_text(REMOTE_MODEL)
     return out

@@ -23,7 +23,7 @@ from data.llava import DataFormatError, LlavaCollator, LlavaDataConfig, LlavaDat
 from dora import apply_dora  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.llava.model import LlavaModelConfig, build_llava  # noqa: E402
-from recipes.preflight import check_file, check_folder, check_model, check_output  # noqa: E402
+from recipes.preflight import check_data, check_file, check_folder, check_model, check_output  # noqa: E402
 from recipes.quantization import check_zero_stage  # noqa: E402
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, read_deepspeed_json, write_summary  # noqa: E402
 
@@ -76,7 +76,7 @@ def build(config: dict):
     for key in ("llava", "llm", "vision_tower"):  # everything the run reads, before any model is built
         check_model(f"model.{key}", getattr(model_cfg, key))
     check_file("model.projector", model_cfg.projector)
-    check_file("data.data_path", data_cfg.data_path)
+    check_data("data.data_path", data_cfg.data_path)
     check_folder("data.image_folder", data_cfg.image_folder)
     model, tokenizer, image_processor = build_llava(model_cfg)
     report = apply_dora(model, dora_cfg.get("rules", []), dora_cfg.get("train_fully", []), verbose=False)

@@ -29,7 +29,8 @@ from data.llava import DataFormatError  # noqa: E402
 from data.vlm_chat import ChatCollator, ChatDataConfig, ChatDataset  # noqa: E402
 from dora import apply_dora  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
-from recipes.preflight import check_file, check_folder, check_model, check_output  # noqa: E402
+from recipes.preflight import (check_data, check_folder, check_model, check_output,  # noqa: E402
+                               remote_code_refused)
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -41,6 +42,7 @@ class ChatModelConfig:
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
+    trust_remote_code: bool = False  # run the code a checkpoint brings (Phi-3.5-vision, InternVL2): trust it first
 
 
 def build_model(config: ChatModelConfig):
@@ -54,8 +56,16 @@ def build_model(config: ChatModelConfig):
     else:
         raise ConfigError(f"model.dtype must be auto or one of {sorted(DTYPES)}, got {config.dtype!r}")
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
-    model = AutoModelForImageTextToText.from_pretrained(config.path, dtype=dtype, **extra)
-    processor = AutoProcessor.from_pretrained(config.path)
+    remote = {"trust_remote_code": config.trust_remote_code}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(config.path, dtype=dtype, **remote, **extra)
+        processor = AutoProcessor.from_pretrained(config.path, **remote)
+    except ValueError as e:
+        if remote_code_refused(e):
+            raise ConfigError(f"model.path: {config.path} needs the code in its own repository to be loaded "
+                              f"(transformers does not know its model type): set model.trust_remote_code: true "
+                              f"if you trust that code") from None
+        raise
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -80,7 +90,7 @@ def build(config: dict):
     dora_cfg = section(config, "dora", ["rules", "train_fully"])
     data_cfg = ChatDataConfig(**section(config, "data", [f.name for f in fields(ChatDataConfig)]))
     check_model("model.path", model_cfg.path)  # everything the run reads, before any model is built
-    check_file("data.data_path", data_cfg.data_path)
+    check_data("data.data_path", data_cfg.data_path)
     check_folder("data.image_folder", data_cfg.image_folder)
     model, processor = build_model(model_cfg)
     report = apply_dora(model, dora_cfg.get("rules", []), dora_cfg.get("train_fully", []), verbose=False)
@@ -108,6 +118,8 @@ def main(argv=None) -> int:
                       hidden_size=hidden_size(model))
     out = Path(train_cfg.output_dir)
     if trainer.is_main:
+        for note in dataset.notes:  # what the chat template makes the labels do (data/vlm_chat.py)
+            print(f"note: {note}", flush=True)
         print(report.table(), flush=True)
         print(f"{type(model).__name__}: {len(dataset)} samples, {trainer.plan()}", flush=True)
     result = trainer.run()

@@ -1,0 +1,233 @@
+"""What the real checkpoints' chat templates render on the conversations of
+tests/test_vlm_chat.py::test_our_templates_render_what_the_real_ones_render, produced by rendering each real
+template (tests/vlm_families.py TEMPLATE_SOURCES; fetched into a scratch folder, not kept here) through the
+family's processor; Llama 3.2 Vision with date_string="26 Jul 2024". Keys: (conversation, add_generation_prompt),
+the prompt form being the first user turn alone."""
+
+RENDERED = {
+    'llava': {
+        ('multi-turn', False): (
+            'USER: <image>\n'
+            'What colour is the square? ASSISTANT: It is red. USER: And the circle? ASSISTANT: It is blue. '
+        ),
+        ('multi-turn', True): 'USER: <image>\nWhat colour is the square? ASSISTANT:',
+        ('multi-image', False): (
+            'USER: <image>\n<image>\n'
+            'Which one is red? ASSISTANT: The first. USER: And the other? ASSISTANT: It is green. '
+        ),
+        ('multi-image', True): 'USER: <image>\n<image>\nWhich one is red? ASSISTANT:',
+        ('text-only', False): (
+            'USER: What colour is the square? ASSISTANT: It is red. USER: And the circle? ASSISTANT: It is bl'
+            'ue. '
+        ),
+        ('text-only', True): 'USER: What colour is the square? ASSISTANT:',
+    },
+    'llava_next': {
+        ('multi-turn', False): (
+            'USER: <image>\n'
+            'What colour is the square? ASSISTANT: It is red. USER: And the circle? ASSISTANT: It is blue. '
+        ),
+        ('multi-turn', True): 'USER: <image>\nWhat colour is the square? ASSISTANT:',
+        ('multi-image', False): (
+            'USER: <image>\n<image>\n'
+            'Which one is red? ASSISTANT: The first. USER: And the other? ASSISTANT: It is green. '
+        ),
+        ('multi-image', True): 'USER: <image>\n<image>\nWhich one is red? ASSISTANT:',
+        ('text-only', False): (
+            'USER: What colour is the square? ASSISTANT: It is red. USER: And the circle? ASSISTANT: It is bl'
+            'ue. '
+        ),
+        ('text-only', True): 'USER: What colour is the square? ASSISTANT:',
+    },
+    'llava_next_mistral': {
+        ('multi-turn', False): (
+            '[INST] <image>\nWhat colour is the square? [/INST] It is red.</s> [INST] And the circle? [/INST] '
+            'It is blue.</s> '
+        ),
+        ('multi-turn', True): '[INST] <image>\nWhat colour is the square? [/INST]',
+        ('multi-image', False): (
+            '[INST] <image>\n<image>\n'
+            'Which one is red? [/INST] The first.</s> [INST] And the other? [/INST] It is green.</s> '
+        ),
+        ('multi-image', True): '[INST] <image>\n<image>\nWhich one is red? [/INST]',
+        ('text-only', False): (
+            '[INST] What colour is the square? [/INST] It is red.</s> [INST] And the circle? [/INST] It is bl'
+            'ue.</s> '
+        ),
+        ('text-only', True): '[INST] What colour is the square? [/INST]',
+    },
+    'llava_next_mistral_bs': {
+        ('multi-turn', False): (
+            '[INST] <image>\nWhat colour is the square? [/INST] It is red.<\\s> [INST] And the circle? [/INST] '
+            'It is blue.<\\s> '
+        ),
+        ('multi-turn', True): '[INST] <image>\nWhat colour is the square? [/INST]',
+        ('multi-image', False): (
+            '[INST] <image>\n<image>\n'
+            'Which one is red? [/INST] The first.<\\s> [INST] And the other? [/INST] It is green.<\\s> '
+        ),
+        ('multi-image', True): '[INST] <image>\n<image>\nWhich one is red? [/INST]',
+        ('text-only', False): (
+            '[INST] What colour is the square? [/INST] It is red.<\\s> [INST] And the circle? [/INST] It is bl'
+            'ue.<\\s> '
+        ),
+        ('text-only', True): '[INST] What colour is the square? [/INST]',
+    },
+    'llava_onevision': {
+        ('multi-turn', False): (
+            '<|im_start|>user <image>\nWhat colour is the square?<|im_end|><|im_start|>assistant \n'
+            'It is red.<|im_end|><|im_start|>user \nAnd the circle?<|im_end|><|im_start|>assistant \n'
+            'It is blue.<|im_end|>'
+        ),
+        ('multi-turn', True): '<|im_start|>user <image>\nWhat colour is the square?<|im_end|><|im_start|>assistant\n',
+        ('multi-image', False): (
+            '<|im_start|>user <image><image>\nWhich one is red?<|im_end|><|im_start|>assistant \n'
+            'The first.<|im_end|><|im_start|>user \nAnd the other?<|im_end|><|im_start|>assistant \n'
+            'It is green.<|im_end|>'
+        ),
+        ('multi-image', True): '<|im_start|>user <image><image>\nWhich one is red?<|im_end|><|im_start|>assistant\n',
+        ('text-only', False): (
+            '<|im_start|>user \nWhat colour is the square?<|im_end|><|im_start|>assistant \n'
+            'It is red.<|im_end|><|im_start|>user \nAnd the circle?<|im_end|><|im_start|>assistant \n'
+            'It is blue.<|im_end|>'
+        ),
+        ('text-only', True): '<|im_start|>user \nWhat colour is the square?<|im_end|><|im_start|>assistant\n',
+    },
+    'qwen2_vl': {
+        ('multi-turn', False): (
+            '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n'
+            '<|vision_start|><|image_pad|><|vision_end|>What colour is the square?<|im_end|>\n'
+            '<|im_start|>assistant\nIt is red.<|im_end|>\n<|im_start|>user\nAnd the circle?<|im_end|>\n'
+            '<|im_start|>assistant\nIt is blue.<|im_end|>\n'
+        ),
+        ('multi-turn', True): (
+            '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n'
+            '<|vision_start|><|image_pad|><|vision_end|>What colour is the square?<|im_end|>\n'
+            '<|im_start|>assistant\n'
+        ),
+        ('multi-image', False): (
+            '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|ima'
+            'ge_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>Which one is red?<|im_end|>\n'
+            '<|im_start|>assistant\nThe first.<|im_end|>\n<|im_start|>user\nAnd the other?<|im_end|>\n'
+            '<|im_start|>assistant\nIt is green.<|im_end|>\n'
+        ),
+        ('multi-image', True): (
+            '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|ima'
+            'ge_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>Which one is red?<|im_end|>\n'
+            '<|im_start|>assistant\n'
+        ),
+        ('text-only', False): (
+            '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n'
+            'What colour is the square?<|im_end|>\n<|im_start|>assistant\nIt is red.<|im_end|>\n'
+            '<|im_start|>user\nAnd the circle?<|im_end|>\n<|im_start|>assistant\nIt is blue.<|im_end|>\n'
+        ),
+        ('text-only', True): (
+            '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n'
+            'What colour is the square?<|im_end|>\n<|im_start|>assistant\n'
+        ),
+    },
+    'idefics3': {
+        ('multi-turn', False): (
+            '<|begin_of_text|>User:<image>What colour is the square?<end_of_utterance>\n'
+            'Assistant: It is red.<end_of_utterance>\nUser: And the circle?<end_of_utterance>\n'
+            'Assistant: It is blue.<end_of_utterance>\n'
+        ),
+        ('multi-turn', True): '<|begin_of_text|>User:<image>What colour is the square?<end_of_utterance>\nAssistant:',
+        ('multi-image', False): (
+            '<|begin_of_text|>User:<image><image>Which one is red?<end_of_utterance>\n'
+            'Assistant: The first.<end_of_utterance>\nUser: And the other?<end_of_utterance>\n'
+            'Assistant: It is green.<end_of_utterance>\n'
+        ),
+        ('multi-image', True): '<|begin_of_text|>User:<image><image>Which one is red?<end_of_utterance>\nAssistant:',
+        ('text-only', False): (
+            '<|begin_of_text|>User: What colour is the square?<end_of_utterance>\n'
+            'Assistant: It is red.<end_of_utterance>\nUser: And the circle?<end_of_utterance>\n'
+            'Assistant: It is blue.<end_of_utterance>\n'
+        ),
+        ('text-only', True): '<|begin_of_text|>User: What colour is the square?<end_of_utterance>\nAssistant:',
+    },
+    'smolvlm': {
+        ('multi-turn', False): (
+            '<|im_start|>User:<image>What colour is the square?<end_of_utterance>\n'
+            'Assistant: It is red.<end_of_utterance>\nUser: And the circle?<end_of_utterance>\n'
+            'Assistant: It is blue.<end_of_utterance>\n'
+        ),
+        ('multi-turn', True): '<|im_start|>User:<image>What colour is the square?<end_of_utterance>\nAssistant:',
+        ('multi-image', False): (
+            '<|im_start|>User:<image><image>Which one is red?<end_of_utterance>\n'
+            'Assistant: The first.<end_of_utterance>\nUser: And the other?<end_of_utterance>\n'
+            'Assistant: It is green.<end_of_utterance>\n'
+        ),
+        ('multi-image', True): '<|im_start|>User:<image><image>Which one is red?<end_of_utterance>\nAssistant:',
+        ('text-only', False): (
+            '<|im_start|>User: What colour is the square?<end_of_utterance>\n'
+            'Assistant: It is red.<end_of_utterance>\nUser: And the circle?<end_of_utterance>\n'
+            'Assistant: It is blue.<end_of_utterance>\n'
+        ),
+        ('text-only', True): '<|im_start|>User: What colour is the square?<end_of_utterance>\nAssistant:',
+    },
+    'gemma3': {
+        ('multi-turn', False): (
+            '<bos><start_of_turn>user\n<start_of_image>What colour is the square?<end_of_turn>\n'
+            '<start_of_turn>model\nIt is red.<end_of_turn>\n<start_of_turn>user\nAnd the circle?<end_of_turn>\n'
+            '<start_of_turn>model\nIt is blue.<end_of_turn>\n'
+        ),
+        ('multi-turn', True): (
+            '<bos><start_of_turn>user\n<start_of_image>What colour is the square?<end_of_turn>\n'
+            '<start_of_turn>model\n'
+        ),
+        ('multi-image', False): (
+            '<bos><start_of_turn>user\n<start_of_image><start_of_image>Which one is red?<end_of_turn>\n'
+            '<start_of_turn>model\nThe first.<end_of_turn>\n<start_of_turn>user\nAnd the other?<end_of_turn>\n'
+            '<start_of_turn>model\nIt is green.<end_of_turn>\n'
+        ),
+        ('multi-image', True): (
+            '<bos><start_of_turn>user\n<start_of_image><start_of_image>Which one is red?<end_of_turn>\n'
+            '<start_of_turn>model\n'
+        ),
+        ('text-only', False): (
+            '<bos><start_of_turn>user\nWhat colour is the square?<end_of_turn>\n<start_of_turn>model\n'
+            'It is red.<end_of_turn>\n<start_of_turn>user\nAnd the circle?<end_of_turn>\n<start_of_turn>model\n'
+            'It is blue.<end_of_turn>\n'
+        ),
+        ('text-only', True): (
+            '<bos><start_of_turn>user\nWhat colour is the square?<end_of_turn>\n<start_of_turn>model\n'
+        ),
+    },
+    'mllama': {
+        ('multi-turn', False): (
+            '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n'
+            '<|image|>What colour is the square?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+            'It is red.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n'
+            'And the circle?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nIt is blue.<|eot_id|>'
+        ),
+        ('multi-turn', True): (
+            '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n'
+            '<|image|>What colour is the square?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+        ),
+        ('multi-image', False): (
+            '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n'
+            '<|image|><|image|>Which one is red?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+            'The first.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n'
+            'And the other?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nIt is green.<|eot_id|>'
+        ),
+        ('multi-image', True): (
+            '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n'
+            '<|image|><|image|>Which one is red?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+        ),
+        ('text-only', False): (
+            '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n'
+            'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n'
+            '<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n'
+            'What colour is the square?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+            'It is red.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n'
+            'And the circle?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nIt is blue.<|eot_id|>'
+        ),
+        ('text-only', True): (
+            '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n'
+            'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n'
+            '<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n'
+            'What colour is the square?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+        ),
+    },
+}
