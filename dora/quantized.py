@@ -231,11 +231,15 @@ def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) ->
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, dense.train(module.training))
         replaced += 1
+    # what transformers' own dequantize() forgets of a model it loaded quantized, so that it saves, loads and casts
+    # as a plain model
     for config in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
-        if config is not None and hasattr(config, "quantization_config"):
-            del config.quantization_config
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
+        for key in ("quantization_config", "_pre_quantization_dtype"):
+            if config is not None and hasattr(config, key):
+                delattr(config, key)
+    for key in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, key):
+            delattr(model, key)
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
     return replaced

@@ -18,7 +18,13 @@ from .config import ConfigError, unknown_keys
 
 KEYS = ("bits", "type", "double_quant", "compute_dtype")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-KEEP = ["vision_tower", "visual", "multi_modal_projector", "mm_projector", "lm_head"]  # never quantized
+# never quantized (llm_int8_skip_modules: a module whose name holds one of these): every family's vision tower and
+# connector as transformers names them (LLaVA's, Gemma 3's, PaliGemma's vision_tower; Qwen2-VL's visual; Idefics3's,
+# SmolVLM's, Mllama's vision_model; their connector / projector), and the output head
+_KEEP_NAMES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector", "connector", "lm_head")
+# transformers 4 skips a module whose name contains a pattern; transformers 5 matches a pattern from the start of the
+# name (as a regex) or as its suffix: each name in both forms
+KEEP = [*_KEEP_NAMES, *(rf".*\b{name}" for name in _KEEP_NAMES)]
 
 
 def bitsandbytes_config(section: Optional[dict], model_dtype: torch.dtype, keep: list[str] = KEEP):

@@ -90,7 +90,7 @@ def test_a_config_path_is_relative_to_the_folder_the_script_is_run_from(tmp_path
     here = tmp_path / "elsewhere"
     here.mkdir()
     (here / "my.yaml").write_text("train: {output_dir: out}\ntrian: {lr: 0.1}\n")
-    env = dict(os.environ, NUM_GPUS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, NUM_GPUS="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)  # this environment's Python
     done = subprocesses.run(["bash", str(ROOT / "launch" / "llava_dora.sh"), "my.yaml"], what="launch/llava_dora.sh "
                             "my.yaml from another folder", timeout=300, cwd=here, env=env)
     assert done.returncode == 2, subprocesses.output(done)

@@ -108,3 +108,50 @@ def test_the_qdora_paper_config_is_the_dora_paper_config_on_a_4_bit_language_mod
     assert quant.load_in_4bit and quant.bnb_4bit_use_double_quant and quant.bnb_4bit_compute_dtype == torch.bfloat16
     assert "vision_tower" in quant.llm_int8_skip_modules and "multi_modal_projector" in quant.llm_int8_skip_modules
     LlavaModelConfig(**qdora["model"])
+
+
+def test_a_4_bit_qwen2_vl_trains_merges_and_answers_as_its_quantized_base_with_the_adapter(tmp_path):
+    """The generic recipe (`model.quantization` a key away) on a tiny Qwen2-VL: its language model in NF4 (the
+    vision tower and merger stay dense), trained under ZeRO-2, merged, and answering through `eval generate` as the
+    dequantized base with the adapter does."""
+    from data.demo_shapes import write_demo_dataset
+    from dora.quantized import QuantizedDoRALinear
+    from eval.cli import main as eval_main
+    from recipes.inspect import inspect_model
+    from recipes.llava.demo_models import corpus_from_llava_json
+    from recipes.vlm.merge import merge_run
+    from recipes.vlm.train import ChatModelConfig, build_model
+    from vlm_families import build_family
+
+    data = write_demo_dataset(tmp_path / "data", n_train_images=8, n_eval_images=2, seed=1)
+    model_dir = build_family("qwen2_vl", tmp_path / "model", corpus_from_llava_json(data["train"]))
+    proposal = yaml.safe_load(inspect_model(str(model_dir), rank=4, alpha=8, dropout=0.0)["yaml"])
+    config = {"model": {"path": str(model_dir), "dtype": "fp32", "quantization": QUANTIZATION}, **proposal,
+              "data": {"data_path": str(data["train"]), "image_folder": str(data["images"]), "max_length": 512},
+              "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "micro_batch_size": 1,
+                        "global_batch_size": 2, "optimizer": "sgd", "lr": 0.5, "warmup_ratio": 0.0,
+                        "deepspeed": "launch/zero2.json"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    done = subprocesses.run([sys.executable, str(ROOT / "recipes/vlm/train.py"), str(tmp_path / "run.yaml")],
+                            what="Qwen2-VL QDoRA training", timeout=600, cwd=ROOT, env=env)
+    assert done.returncode == 0, subprocesses.output(done)
+    losses = json.loads((tmp_path / "run" / "train_summary.json").read_text())["losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+    model = build_model(ChatModelConfig(**config["model"]))[0]
+    names = {type(m).__name__ for n, m in model.named_modules() if "language_model.layers" in n}
+    assert "Linear4bit" in names and not any("Linear4bit" == type(m).__name__ for n, m in model.named_modules()
+                                             if n.startswith("model.visual"))
+    merged = merge_run(tmp_path / "run", tmp_path / "merged")
+    base = merge_run(tmp_path / "run", tmp_path / "base", with_adapter=False)
+    answers = {}
+    for name, extra in (("merged", ["--model", str(merged)]),
+                        ("adapter", ["--model", str(base), "--adapter", str(tmp_path / "run" / "adapter")])):
+        out = tmp_path / f"{name}.jsonl"
+        assert eval_main(["generate", "--template", "processor", *extra, "--questions", str(data["questions"]),
+                          "--image-folder", str(data["images"]), "--out", str(out), "--max-new-tokens", "4",
+                          "--batch-size", "3"]) == 0
+        answers[name] = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(answers["merged"]) == 6 and answers["merged"] == answers["adapter"]
+    assert QuantizedDoRALinear  # the layer the recipe used (imported to name it in this test's failure output)

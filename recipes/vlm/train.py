@@ -31,7 +31,8 @@ from dora import apply_dora  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.preflight import (check_data, check_folder, check_model, check_output,  # noqa: E402
                                remote_code_refused)
-from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
+from recipes.quantization import bitsandbytes_config, check_zero_stage, load_device  # noqa: E402
+from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, read_deepspeed_json, write_summary  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,20 +44,27 @@ class ChatModelConfig:
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False  # run the code a checkpoint brings (Phi-3.5-vision, InternVL2): trust it first
+    quantization: Optional[dict] = None  # {bits: 4, type: nf4, ...}: the language model in 4 / 8 bits, QDoRA
+
+
+def model_dtype(config: ChatModelConfig) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if config.dtype in DTYPES:
+        return DTYPES[config.dtype]
+    raise ConfigError(f"model.dtype must be auto or one of {sorted(DTYPES)}, got {config.dtype!r}")
 
 
 def build_model(config: ChatModelConfig):
     """(model, processor) through the Auto classes."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if config.dtype == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    elif config.dtype in DTYPES:
-        dtype = DTYPES[config.dtype]
-    else:
-        raise ConfigError(f"model.dtype must be auto or one of {sorted(DTYPES)}, got {config.dtype!r}")
+    dtype = model_dtype(config)
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     remote = {"trust_remote_code": config.trust_remote_code}
+    quantization = bitsandbytes_config(config.quantization, dtype)
+    if quantization:
+        extra.update(quantization_config=quantization, **load_device())
     try:
         model = AutoModelForImageTextToText.from_pretrained(config.path, dtype=dtype, **remote, **extra)
         processor = AutoProcessor.from_pretrained(config.path, **remote)
@@ -112,6 +120,8 @@ def main(argv=None) -> int:
     config = load_config(argv[0], argv[1:], sections=("model", "dora", "data", "train"))
     train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
     check_output("train.output_dir", train_cfg.output_dir)
+    check_zero_stage((config.get("model") or {}).get("quantization"),
+                     read_deepspeed_json(train_cfg.deepspeed).get("zero_optimization", {}).get("stage", 0))
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation is the same in every process and run
     model, processor, dataset, report, collator = build(config)
     trainer = Trainer(train_cfg, model, dataset, collator, chat_loss, lengths=dataset.modality_lengths,
