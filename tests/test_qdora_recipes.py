@@ -155,3 +155,17 @@ def test_a_4_bit_qwen2_vl_trains_merges_and_answers_as_its_quantized_base_with_t
         answers[name] = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     assert len(answers["merged"]) == 6 and answers["merged"] == answers["adapter"]
     assert QuantizedDoRALinear  # the layer the recipe used (imported to name it in this test's failure output)
+
+
+def test_the_qwen2_vl_qdora_example_is_the_dora_example_on_a_4_bit_language_model():
+    from recipes.config import load_config
+    from recipes.vlm.train import ChatModelConfig
+
+    dora = load_config(ROOT / "recipes/vlm/configs/qwen2_vl_2b_dora.yaml")
+    qdora = load_config(ROOT / "recipes/vlm/configs/qwen2_vl_2b_qdora.yaml", sections=("model", "dora", "data", "train"))
+    assert qdora["model"].pop("quantization") == {"bits": 4, "type": "nf4", "double_quant": True,
+                                                  "compute_dtype": "bf16"}
+    assert qdora["train"].pop("deepspeed") == "launch/zero2.json"
+    dora["train"].pop("deepspeed"), dora["train"].pop("output_dir"), qdora["train"].pop("output_dir")
+    assert qdora == dora
+    ChatModelConfig(**qdora["model"])
