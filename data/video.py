@@ -451,14 +451,28 @@ def _tick_count_in_doubt(starts: np.ndarray, video_end: float, sample_fps: float
 
 def _declared_end(container, stream, frame_step: float) -> Optional[tuple[float, float]]:
     """When the file's header says the video ends (seconds, on the stream's clock), and how far short of it the
-    data may stop before the file counts as cut: half a frame against the video stream's own duration (MP4), at
-    least 0.5 s against the whole file's (Matroska/WebM give only that, and it includes the audio). None: the
-    header does not say."""
+    data may stop before the file counts as cut: half a frame against the video stream's own duration (MP4's, or
+    the DURATION tag Matroska writes per track), at least 0.5 s against the whole file's when the file holds the
+    video alone (else that length may be the audio's). None: the header does not say (a cut Matroska file with
+    audio has lost its tags, which come last: it reads as the shorter video it now is)."""
+    start = float((stream.start_time or 0) * stream.time_base)
     if stream.duration:
         return float(((stream.start_time or 0) + stream.duration) * stream.time_base), 0.5 * frame_step
-    if container.duration:  # in AV_TIME_BASE units (microseconds)
+    tagged = _duration_tag((stream.metadata or {}).get("DURATION"))
+    if tagged is not None:
+        return start + tagged, 0.5 * frame_step
+    if container.duration and len(container.streams) == 1:  # in AV_TIME_BASE units (microseconds)
         return (container.duration + (container.start_time or 0)) / 1e6, max(2 * frame_step, 0.5)
     return None
+
+
+def _duration_tag(text: Optional[str]) -> Optional[float]:
+    """Matroska's DURATION tag ("00:00:02.000000000") in seconds."""
+    match = re.fullmatch(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)", (text or "").strip())
+    if not match:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 def _with_cut_frames(timeline: list[int], last_end: Optional[int], container, stream
