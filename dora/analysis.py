@@ -181,9 +181,10 @@ class TensorFile:
 
 
 def resolve_key(name: str, keys, source) -> str:
-    """The key for `name` in `keys`. One rule for every recipe: the same name, else the key sharing the longest
-    run of trailing components with it (at least 3, e.g. `self_attn.q_proj.weight`), ties broken by how many of
-    the other components the two share. A model and its checkpoints name one weight with other wrappers
+    """The key for `name` in `keys`. One rule for every recipe: the same name, else, among the keys with the same
+    numeric components (layer indices) in the same order, the key sharing the longest run of trailing components
+    with it (at least 3, e.g. `self_attn.q_proj.weight`), ties broken by how many of the other components the two
+    share. A model and its checkpoints name one weight with other wrappers
     (`model.language_model.layers.0...` in a LLaVA model; `model.layers.0...` in its LLM's checkpoint;
     `language_model.model.layers.0...` in an older LLaVA checkpoint; `backbone.model.encoder...` for VL-BART's
     BART), and the wrapper names say which tower a weight belongs to (the LLM's layers.0, not CLIP's)."""
@@ -192,6 +193,8 @@ def resolve_key(name: str, keys, source) -> str:
         return name
     parts = name.split(".")
     need = min(3, len(parts))
+    indices = [p for p in parts if p.isdigit()]  # layers.7 is never layers.0 (a base missing layer 7: an error)
+    keys = [k for k in keys if [p for p in k.split(".") if p.isdigit()] == indices]
 
     def closeness(key: str) -> tuple[int, int]:
         other = key.split(".")

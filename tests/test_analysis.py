@@ -370,3 +370,18 @@ def test_sharded_base_and_prefixed_names(tmp_path):
             assert rows[name].delta_m == pytest.approx(d.magnitude, rel=1e-5)
             assert rows[name].delta_d == pytest.approx(d.direction, rel=1e-4)
     assert len(rows) == 6
+
+
+def test_a_weight_is_found_under_other_wrappers_but_never_in_another_layer():
+    from dora.analysis import AnalysisError, resolve_key
+
+    llava_base = ["language_model.model.layers.0.self_attn.q_proj.weight",
+                  "language_model.model.layers.1.self_attn.q_proj.weight",
+                  "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"]
+    name = "model.language_model.layers.1.self_attn.q_proj.weight"
+    assert resolve_key(name, llava_base, "base") == "language_model.model.layers.1.self_attn.q_proj.weight"
+    assert resolve_key("model.language_model.layers.0.self_attn.q_proj.weight", llava_base, "base") == \
+        "language_model.model.layers.0.self_attn.q_proj.weight"  # the LLM's layer 0, not CLIP's
+    one_shard = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    with pytest.raises(AnalysisError, match="no tensor named 'model.language_model.layers.7.mlp.down_proj.weight'"):
+        resolve_key("model.language_model.layers.7.mlp.down_proj.weight", one_shard, "shard 1 of 3")
