@@ -657,15 +657,25 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 # What a command of data/ reports as a user's mistake (a missing folder or store, a damaged shard, a store made
-# with other settings, repeated ids): one line, exit status 2, as every command of the project; tracebacks are
-# left to bugs.
+# with other settings, repeated ids, an unknown model): one line, exit status 2, as every command of the project.
+# data/ checks its inputs with ValueError; one raised inside torch, numpy or another library is a bug and keeps
+# its traceback.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, StoreError)
+
+
+def _raised_here(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().parent == Path(__file__).resolve().parent
 
 
 def run_cli(main, errors: tuple = USER_ERRORS) -> int:
     try:
         return main()
     except errors as e:
+        if isinstance(e, ValueError) and not _raised_here(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

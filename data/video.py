@@ -14,8 +14,9 @@ FeatureStore (data/features.py).
     store = FeatureStore("features/tv_vit"); resize_frames(store.get("s03e02_seg02_clip_10").float(), 64)
 
 Frame sampling (`sample_frame_times`), by presentation timestamps (the decoder's per-frame pts, so variable frame
-rate videos sample right), in seconds from the first frame (ffmpeg's command line, which made VALUE's features,
-shifts a file's start to 0 the same way):
+rate videos sample right), in seconds from the first video frame (ffmpeg's command line, which made VALUE's
+features, counts from the file's start, the earliest of its streams: the two agree unless a file's audio starts
+before its video):
 - sample_fps (VALUE: 2/3): ffmpeg's `fps` filter (`fps=2/3`, default round=near). A frame at time t lands on
   output tick round(t * fps), halves rounded up; tick k (k = 0, 1, ...) takes the last frame whose tick is <= k,
   i.e. the frame shown at (k + 0.5) / fps (0.75 s, 2.25 s, ... for 2/3 fps), a frame starting exactly there

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .layer import DoRALinear, _accumulation_dtype, _dropped, _validated_alpha, _validated_rank
 
-_ROWS_PER_BLOCK = 1024  # rows of W0 dequantized at once when ||W0||^2 is computed
+_ROWS_PER_BLOCK = 1024  # rows of the dequantized W0 upcast to fp32 at once when ||W0||^2 is computed
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
@@ -38,8 +38,8 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def dequantized_weight(layer: nn.Module, rows: Optional[slice] = None) -> torch.Tensor:
-    """W0 (or its rows `rows`) of a quantized layer, dense, in the layer's compute dtype (fp32 for 8-bit)."""
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """W0 of a quantized layer, dense: 4-bit in the dtype it was quantized from, 8-bit in fp32."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bf
 
@@ -48,12 +48,13 @@ def dequantized_weight(layer: nn.Module, rows: Optional[slice] = None) -> torch.
         bnb.nn.modules.fix_4bit_weight_quant_state_from_module(layer)
         data, state = w.data, w.quant_state
         if getattr(state, "packing_format_for_cpu", False):  # repacked by an eval forward on an AVX512-BF16 CPU
-            data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
-        dense = bf.dequantize_4bit(data, state)
-        return dense if rows is None else dense[rows]
+            unpack = getattr(bf, "_convert_weight_packed_for_cpu_inverse", None)  # bitsandbytes' own, private
+            if unpack is None:
+                raise RuntimeError("this bitsandbytes repacked the 4-bit weight for its CPU kernel and offers no "
+                                   "way back: dequantize before any inference forward, or on a GPU")
+            data, state = unpack(data, state)
+        return bf.dequantize_4bit(data, state)
     cb, scb = _int8_rows(layer)
-    if rows is not None:
-        cb, scb = cb[rows], scb[rows]
     return cb.float() * (scb.float() / 127.0)[:, None]
 
 
@@ -108,7 +109,8 @@ class QuantizedDoRALinear(DoRALinear):
         self.bias = None if bias is None else nn.Parameter(bias.data, requires_grad=False)
         device = base_layer.weight.device
         self._make_adapter(device, adapter_dtype or torch.float32)
-        self.register_buffer("base_sq_norm", quantized_sq_norm(base_layer).to(device), persistent=False)
+        # fp32 whatever .half() / .bfloat16() does to the module (not a buffer: those are cast); moved with it
+        self.base_sq_norm = quantized_sq_norm(base_layer).to(device)
         self.reset_adapter()
         self.train(base_layer.training)
 
@@ -120,6 +122,18 @@ class QuantizedDoRALinear(DoRALinear):
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self.base_sq_norm = self.base_sq_norm.to(fn(torch.empty(0, device=self.base_sq_norm.device)).device)
+        return module
+
+    def _original_dtype(self) -> torch.dtype:
+        """The dtype the model held this layer in: a 4-bit weight's pre-quantization dtype, else its bias's."""
+        state = getattr(self.base_layer.weight, "quant_state", None)
+        if state is not None and getattr(state, "dtype", None) is not None:
+            return state.dtype
+        return self.bias.dtype if self.bias is not None else torch.float32
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the base kernel computes in: a Linear4bit's compute_dtype, else the input's (floating)."""
@@ -154,7 +168,9 @@ class QuantizedDoRALinear(DoRALinear):
             dtype = torch.get_autocast_dtype(device_type)
             with torch.autocast(device_type, enabled=False):
                 return self._forward(x.to(dtype), dtype)
-        return self._forward(x, self.compute_dtype(x))
+        # computed in the kernel's dtype, returned in the input's, as the 4-bit layer it replaces does (an fp32
+        # compute dtype must not promote a bf16 model's hidden states)
+        return self._forward(x, self.compute_dtype(x)).to(x.dtype)
 
     def _forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(dtype)
@@ -195,10 +211,10 @@ class QuantizedDoRALinear(DoRALinear):
 
     @torch.no_grad()
     def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
-        """A dense nn.Linear holding g * (W0 + s B A) with W0 dequantized, in `dtype` (default: the 4-bit layer's
-        compute dtype, else the dequantized weight's), in this layer's training / eval mode."""
+        """A dense nn.Linear holding g * (W0 + s B A) with W0 dequantized, in `dtype` (default: the dtype the model
+        held this layer in), in this layer's training / eval mode."""
         dense = dequantized_weight(self.base_layer)
-        dtype = dtype or getattr(self.base_layer, "compute_dtype", None) or dense.dtype
+        dtype = dtype or self._original_dtype()
         merged = dense.to(_accumulation_dtype(dense), copy=True)
         if self.lora_A is not None:
             merged.addmm_(self.lora_B.to(merged.dtype), self.lora_A.to(merged.dtype), alpha=self.scaling)

@@ -77,7 +77,8 @@ def stale_locks(root: Optional[Path] = None) -> list[Path]:
     root = extensions_dir() if root is None else root
     if not root.is_dir() or not lock_blocks_by_existence():
         return []
-    return [lock for lock in sorted(root.glob("*/lock")) if not lock_holders(lock)]
+    # exists() again after the scan: a build that ended meanwhile has removed its lock, which is then not stale
+    return [lock for lock in sorted(root.glob("*/lock")) if not lock_holders(lock) and lock.exists()]
 
 
 def prepare() -> Path:

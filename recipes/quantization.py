@@ -65,7 +65,10 @@ def load_device() -> dict:
     return {"device_map": "cpu"}
 
 
-def check_zero_stage(section: Optional[dict], stage: int) -> None:
+def check_zero_stage(section: Optional[dict], deepspeed_json: str) -> None:
+    """Before anything is built: a quantized run under a DeepSpeed config of ZeRO stage 3 is refused."""
+    from .trainer import read_deepspeed_json
+    stage = read_deepspeed_json(deepspeed_json).get("zero_optimization", {}).get("stage", 0)
     if section and stage == 3:
         raise ConfigError("model.quantization: DeepSpeed ZeRO-3 cannot partition 4-bit / 8-bit weights; train with "
                           "ZeRO-2 (train.deepspeed: launch/zero2.json), which partitions the adapter's optimizer "

@@ -74,3 +74,18 @@ def test_a_checkpoint_that_brings_its_own_code_is_one_error_line_until_trusted(t
                       f"m, p = build_model(ChatModelConfig(path={str(model)!r}, trust_remote_code=True)); "
                       "print(type(m).__name__)")
     assert built.returncode == 0 and "TinyRemoteForConditionalGeneration" in built.stdout, subprocesses.output(built)
+
+
+def test_a_library_s_value_error_keeps_its_traceback_while_data_s_own_checks_are_one_line(capsys):
+    """data/ checks its inputs with ValueError (one line, exit 2); a ValueError from inside numpy is a bug."""
+    import numpy as np
+
+    from data.features import run_cli
+
+    def ours():
+        from data.features import dtype_from_name
+        dtype_from_name("float8")
+
+    assert run_cli(ours) == 2 and capsys.readouterr().err.startswith("error: unknown dtype 'float8'")
+    with pytest.raises(ValueError):
+        run_cli(lambda: np.zeros(2).reshape(3))  # a bug's error: raised, with its traceback

@@ -108,7 +108,8 @@ def test_a_killed_builds_lock_is_named_under_a_torch_whose_lock_file_blocks(monk
                               timeout=60)
     assert killed.returncode == -signal.SIGKILL and lock.is_file()
 
-    assert deepspeed_ops.stale_locks() == []  # this torch: an OS lock, which died with its holder
+    if not deepspeed_ops.lock_blocks_by_existence():
+        assert deepspeed_ops.stale_locks() == []  # torch >= 2.14: an OS lock, which died with its holder
     monkeypatch.setattr(deepspeed_ops, "lock_blocks_by_existence", lambda: True)  # an older torch's FileBaton
     assert deepspeed_ops.stale_locks() == [lock]
     with pytest.raises(deepspeed_ops.StaleLockError, match="rm " + str(lock)):

@@ -203,3 +203,15 @@ def test_a_quantized_layer_refuses_to_merge_in_place_and_other_linear_subclasses
     from dora import TargetingError
     with pytest.raises(TargetingError, match="nn.Linear subclass with its own forward"):
         apply_dora(nn.Sequential(Router(4, 4)), [{"match": "0", "rank": 2}], verbose=False)
+
+
+def test_outputs_keep_the_inputs_dtype_and_the_base_norm_stays_fp32():
+    """As the 4-bit layer it replaces: computed in the compute dtype (fp32 here), returned in the input's (bf16), so
+    an fp32 compute dtype does not promote a bf16 model's hidden states. ||W0||^2 stays fp32 whatever .half() or
+    .bfloat16() does to the module (DeepSpeed casts modules so), else g - 1 would not start at 0."""
+    layer = QuantizedDoRALinear(linear4bit(), rank=4, alpha=8)
+    x = torch.randn(3, 64)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16 and layer(x).dtype == torch.float32
+    before = layer.base_sq_norm.clone()
+    layer.bfloat16()
+    assert layer.base_sq_norm.dtype == torch.float32 and torch.equal(layer.base_sq_norm, before)

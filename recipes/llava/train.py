@@ -25,7 +25,7 @@ from recipes.config import ConfigError, load_config, save_config, section  # noq
 from recipes.llava.model import LlavaModelConfig, build_llava  # noqa: E402
 from recipes.preflight import check_data, check_file, check_folder, check_model, check_output  # noqa: E402
 from recipes.quantization import check_zero_stage  # noqa: E402
-from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, read_deepspeed_json, write_summary  # noqa: E402
+from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 
 
 def llava_loss(engine, batch: dict):
@@ -94,8 +94,7 @@ def main(argv=None) -> int:
     config = load_config(argv[0], argv[1:], sections=("model", "dora", "data", "train"))
     train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
     check_output("train.output_dir", train_cfg.output_dir)
-    check_zero_stage((config.get("model") or {}).get("quantization"),
-                     read_deepspeed_json(train_cfg.deepspeed).get("zero_optimization", {}).get("stage", 0))
+    check_zero_stage((config.get("model") or {}).get("quantization"), train_cfg.deepspeed)
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation (lora_A) is the same in every process and run
     model, tokenizer, image_processor, dataset, report = build(config)
     trainer = Trainer(train_cfg, model, dataset, LlavaCollator(tokenizer.pad_token_id), llava_loss,

@@ -32,7 +32,7 @@ from recipes.config import ConfigError, load_config, save_config, section  # noq
 from recipes.preflight import (check_data, check_folder, check_model, check_output,  # noqa: E402
                                remote_code_refused)
 from recipes.quantization import bitsandbytes_config, check_zero_stage, load_device  # noqa: E402
-from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, read_deepspeed_json, write_summary  # noqa: E402
+from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -120,8 +120,7 @@ def main(argv=None) -> int:
     config = load_config(argv[0], argv[1:], sections=("model", "dora", "data", "train"))
     train_cfg = TrainConfig.from_dict(section(config, "train", [f.name for f in fields(TrainConfig)]))
     check_output("train.output_dir", train_cfg.output_dir)
-    check_zero_stage((config.get("model") or {}).get("quantization"),
-                     read_deepspeed_json(train_cfg.deepspeed).get("zero_optimization", {}).get("stage", 0))
+    check_zero_stage((config.get("model") or {}).get("quantization"), train_cfg.deepspeed)
     torch.manual_seed(train_cfg.seed)  # the adapter's initialisation is the same in every process and run
     model, processor, dataset, report, collator = build(config)
     trainer = Trainer(train_cfg, model, dataset, collator, chat_loss, lengths=dataset.modality_lengths,
