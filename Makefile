@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OPS    := $(VENV)/.deepspeed_ops
 
-.PHONY: demo demo-vlbart demo-video test bench bench-all bench-quick decomposition env clean
+.PHONY: demo demo-vlbart demo-video demo-vlm test bench bench-all bench-quick decomposition env clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo-vlbart: $(OPS)
 
 demo-video: $(OPS)
 	bash launch/vlbart_dora.sh video
+
+demo-vlm: $(OPS)
+	bash launch/vlm_dora.sh
 
 test: $(OPS)
 	$(PY) -m pytest -q

@@ -1,4 +1,5 @@
 """The launch scripts: run from any folder (paths relative to it), and a demo rerun never deletes a finished run."""
+import json
 import os
 import stat
 import sys
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$LAUNCH_LOG"
 case "$*" in
-  "-m recipes.llava.demo "*|"-m recipes.vlbart.demo "*|"-m recipes.deepspeed_ops check") exit 0 ;;
+  "-m recipes.llava.demo "*|"-m recipes.vlbart.demo "*|"-m recipes.vlm.demo "*|"-m recipes.deepspeed_ops check") exit 0 ;;
 esac
 exec {python} "$@"
 """
@@ -54,7 +55,8 @@ def _fakes(tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("script, root, config", [
     ("llava_dora.sh", "runs/demo", "recipes/llava/configs/demo.yaml"),
-    ("vlbart_dora.sh", "runs/vlbart_demo", "recipes/vlbart/configs/demo_image.yaml")])
+    ("vlbart_dora.sh", "runs/vlbart_demo", "recipes/vlbart/configs/demo_image.yaml"),
+    ("vlm_dora.sh", "runs/vlm_demo", "recipes/vlm/configs/demo.yaml")])
 def test_a_demo_rerun_trains_beside_the_finished_run_and_finish_reads_the_run_it_trained(tmp_path, script, root,
                                                                                           config):
     env, log = _fakes(tmp_path)
@@ -97,3 +99,25 @@ def test_a_config_path_is_relative_to_the_folder_the_script_is_run_from(tmp_path
     assert "error: my.yaml (with its overrides): unknown section 'trian' (did you mean 'train'?)" in done.stderr
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in here.iterdir()) == ["my.yaml"]  # stopped before anything was written
+
+
+def test_the_generic_demo_checkpoint_loads_as_any_family_does(llava_assets, tmp_path):
+    """`recipes.vlm.demo prepare`'s checkpoint: the LLaVA demo's parts as one llava-1.5-hf-shaped checkpoint that the
+    generic recipe reads through the Auto classes, its template the one tests/vlm_families.py checks against the real
+    llava-1.5-hf rendering, and the demo's data labelled through it (answers and the EOS the template lacks)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from data.vlm_chat import ChatDataConfig, ChatDataset
+    from recipes.vlm.demo import LLAVA_15_TEMPLATE, assemble_checkpoint
+
+    out = assemble_checkpoint(Path(llava_assets["llm"]).parent, tmp_path / "model")
+    model, processor = AutoModelForImageTextToText.from_pretrained(out), AutoProcessor.from_pretrained(out)
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and processor.chat_template == LLAVA_15_TEMPLATE
+    dataset = ChatDataset(ChatDataConfig(data_path=str(llava_assets["train"]), image_folder=str(llava_assets["images"]),
+                                         max_length=256), processor)
+    sample = dataset[0]
+    assert "skip" not in sample, sample
+    tokenizer = processor.tokenizer
+    learned = tokenizer.decode([t for t, label in zip(sample["ids"], sample["labels"]) if label != -100])
+    assert learned.count(tokenizer.eos_token) == len([c for c in json.loads(Path(llava_assets["train"]).read_text())[0]
+                                                      ["conversations"] if c["from"] == "gpt"])

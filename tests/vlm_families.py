@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from recipes.vlm.demo import LLAVA_15_TEMPLATE
+
 # The families the recipe test trains end to end (tests/test_vlm_recipe.py), and all those with a real template
 FAMILIES = ("llava_next", "qwen2_vl", "idefics3", "gemma3", "mllama", "llava_onevision")
 TEMPLATE_FAMILIES = ("llava", "llava_next", "llava_next_mistral", "llava_next_mistral_bs", "llava_onevision",
@@ -26,13 +28,9 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
 
 # --- chat templates: ours, each rendering what the named real template renders (see the module docstring) ---------
 # llava-1.5-hf: "USER: <image>\n{q} ASSISTANT: {a} USER: ..." - a space after every message, no end marker, and the
-# generation prompt "ASSISTANT:" without the space that follows it inside a conversation
-LLAVA_15 = ("{% for m in messages %}"
-            "{% if m.role != 'system' %}{{ m.role | upper ~ ': ' }}{% endif %}"
-            "{% for c in m.content if c.type == 'image' %}{{ '<image>\\n' }}{% endfor %}"
-            "{% for c in m.content if c.type == 'text' %}{{ c.text ~ ' ' }}{% endfor %}"
-            "{% endfor %}"
-            "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+# generation prompt "ASSISTANT:" without the space that follows it inside a conversation (the generic recipe's demo
+# ships it: one copy)
+LLAVA_15 = LLAVA_15_TEMPLATE
 
 
 def _mistral(end: str) -> str:
