@@ -1,5 +1,6 @@
 """python -m eval generate --model DIR [--adapter DIR] --questions Q.jsonl --image-folder F --out answers.jsonl
    python -m eval score TASK --pred PREDICTIONS.jsonl --gt GROUND_TRUTH [--out results.json]
+   python -m eval score TASK --pred PREDICTIONS.jsonl --dataset SPLIT (save_to_disk folder, parquet, cached hub id)
    python -m eval submit TASK --pred PREDICTIONS.jsonl --questions QUESTIONS --out FILE
    python -m eval merge --questions Q.jsonl --out answers.jsonl PART0.jsonl ... PARTN-1.jsonl
    python -m eval tasks
@@ -12,10 +13,11 @@ import sys
 from pathlib import Path
 
 from .answer_log import merge_shards
+from .dataset_splits import add_dataset_arguments
 from .captions import METRICS as CAPTION_METRICS
 from .files import InputError, check_writable, write_text
 from .submission import ANSWER_PARSINGS, SUBMISSIONS
-from .tasks import TASKS, TVC_PROTOCOLS, VQA_PROTOCOLS, TaskOptions, score
+from .tasks import TASKS, TVC_PROTOCOLS, VQA_PROTOCOLS, Preread, TaskOptions, score
 
 
 def _flatten(value: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score a prediction file against ground truth")
     s.add_argument("task", choices=sorted(TASKS))
     s.add_argument("--pred", required=True, type=Path, help="predictions JSONL: {question_id, text} per line")
-    s.add_argument("--gt", required=True, type=Path, help="ground truth in the benchmark's official format")
+    s.add_argument("--gt", type=Path, help="ground truth in the benchmark's official format")
+    add_dataset_arguments(s, "the split as a dataset instead of --gt (textvqa, vqav2, gqa, pope, mmbench, scienceqa)")
     s.add_argument("--out", type=Path, help="write the scores here as JSON")
     s.add_argument("--allow-partial", action="store_true",
                    help="score only the predicted questions when some are missing (coverage is reported)")
@@ -134,7 +137,14 @@ def main(argv=None) -> int:
                                   meteor=not args.no_meteor, questions=args.questions,
                                   lenient_answers=args.lenient_answers, tvc_protocol=args.tvc_protocol,
                                   protocol=args.protocol)
-            result = score(args.task, args.pred, args.gt, options)
+            if (args.gt is None) == (args.dataset is None):
+                raise InputError("give the ground truth as --gt FILE or as --dataset SPLIT (one of them)")
+            if args.dataset is not None:
+                from .dataset_splits import read_truth
+                truth = read_truth(args.task, args.dataset, args.dataset_split, args.dataset_config)
+                result = score(args.task, args.pred, Preread(truth, args.dataset), options)
+            else:
+                result = score(args.task, args.pred, args.gt, options)
             _print_scores(result)
             if args.out:
                 write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")

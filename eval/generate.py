@@ -79,15 +79,16 @@ def generate_answers(model, tokenizer, image_processor, questions: list[dict], i
 def answer_batches(model, tokenizer, image_processor, questions: list[dict], image_folder: Path, *,
                    template: str = "vicuna_v1", batch_size: int = 16, max_new_tokens: int = 128,
                    image_aspect_ratio: str = "pad", model_id: str = "", progress: bool = True,
-                   already_done: int = 0, share_prefixes: bool = True):
+                   already_done: int = 0, share_prefixes: bool = True, open_image=None):
     """Yields the answers of each batch of `batch_size` questions as soon as it is decoded (greedy, left-padded).
     `already_done` only starts the progress bar there (the questions given are the ones still to answer).
     `share_prefixes`: questions of a batch about the same image have the prompt up to the image encoded once
     (`shared_image_prefixes`) where the model allows it (`prefix_sharing_supported`); False encodes every prompt
-    whole. The answers are the same up to floating-point rounding."""
+    whole. The answers are the same up to floating-point rounding. `open_image(question)` gives a question's image
+    (a dataset row's) instead of reading `image_folder / question["image"]`."""
     import torch
 
-    from data.llava import SampleError, encode, expand_image_tokens, load_image
+    from data.llava import SampleError, encode, expand_image_tokens, load_image, process_image
 
     cfg = model.config
     share_prefixes = share_prefixes and prefix_sharing_supported(model)
@@ -111,6 +112,8 @@ def answer_batches(model, tokenizer, image_processor, questions: list[dict], ima
 
         def pixels(k):
             try:
+                if open_image is not None:
+                    return process_image(open_image(batch[k]), image_processor, image_aspect_ratio)
                 return load_image(Path(image_folder) / image_files[k], image_processor, image_aspect_ratio)
             except SampleError as e:
                 raise InputError(f"question {batch[k]['question_id']}: {e}") from None
@@ -238,7 +241,7 @@ def _decode(model, tokenizer, questions: list[dict], prepare, *, batch_size: int
 
 def processor_answer_batches(model, processor, questions: list[dict], image_folder: Path, *, batch_size: int = 16,
                              max_new_tokens: int = 128, model_id: str = "", progress: bool = True,
-                             already_done: int = 0):
+                             already_done: int = 0, open_image=None):
     """As `answer_batches`, for any image-text-to-text model: each question becomes a user message (an image item,
     then the text) rendered by the processor's chat template with the generation prompt; the processor makes
     every input its model needs. Greedy, left-padded."""
@@ -256,8 +259,11 @@ def processor_answer_batches(model, processor, questions: list[dict], image_fold
             if q.get("image"):
                 content.insert(0, {"type": "image"})
                 try:
-                    with Image.open(Path(image_folder) / q["image"]) as im:
-                        row.append(im.convert("RGB"))
+                    if open_image is not None:
+                        row.append(open_image(q))
+                    else:
+                        with Image.open(Path(image_folder) / q["image"]) as im:
+                            row.append(im.convert("RGB"))
                 except Exception as e:
                     raise InputError(f"question {q['question_id']}: image {q['image']}: {e}") from None
             if prompt_only:
@@ -281,7 +287,15 @@ def run_settings(args) -> dict:
 
     def where(path):  # a local path as an absolute one (the same run from another folder is the same run)
         return None if path is None else (os.path.abspath(path) if os.path.exists(path) else str(path))
-    return {"questions": where(args.questions), "questions_sha256": file_digest(args.questions),
+    if args.dataset:
+        from .dataset_splits import dataset_fingerprint
+        source = {"dataset": where(args.dataset), "task": args.task, "dataset_split": args.dataset_split,
+                  "dataset_config": args.dataset_config, "images": where(args.images),
+                  "dataset_fingerprint": dataset_fingerprint(args.dataset, args.dataset_split, args.dataset_config,
+                                                             args.task)}
+    else:
+        source = {"questions": where(args.questions), "questions_sha256": file_digest(args.questions)}
+    return {**source,
             "shard": list(shard) if shard else None, "model": where(args.model),
             "model_files": weights_fingerprint(args.model), "adapter": where(args.adapter),
             "adapter_files": weights_fingerprint(args.adapter), "image_folder": where(args.image_folder or "."),
@@ -289,8 +303,22 @@ def run_settings(args) -> dict:
             "image_aspect_ratio": args.image_aspect_ratio, "dtype": args.dtype}
 
 
+def _questions(args):
+    """(questions, the function giving a question's image, or None: the image folder's files)."""
+    if (args.questions is None) == (args.dataset is None):
+        raise InputError("give the questions as --questions FILE (with --image-folder) or as --dataset SPLIT --task T")
+    if args.dataset is None:
+        return read_questions(Path(args.questions)), None
+    if args.task is None:
+        raise InputError("--dataset needs --task (which benchmark's layout to read: textvqa, vqav2, gqa, pope, "
+                         "mmbench, scienceqa)")
+    from .dataset_splits import read_questions as read_split_questions
+    return read_split_questions(args.task, args.dataset, args.dataset_split, args.dataset_config, args.images)
+
+
 def run(args) -> int:
-    questions = shard_of(read_questions(Path(args.questions)), parse_shard(args.shard))
+    questions, open_image = _questions(args)
+    questions = shard_of(questions, parse_shard(args.shard))
     with AnswerLog(args.out, questions, run_settings(args), restart=args.restart) as log:
         resumed = log.done
         todo = questions[resumed:]
@@ -298,7 +326,8 @@ def run(args) -> int:
             model, processor = load_processor_model(args.model, args.adapter, args.dtype)
             for batch in processor_answer_batches(model, processor, todo, Path(args.image_folder or "."),
                                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                                  model_id=Path(args.model).name, already_done=resumed):
+                                                  model_id=Path(args.model).name, already_done=resumed,
+                                                  open_image=open_image):
                 log.append(batch)
         elif todo:
             model, tokenizer, image_processor = load_model(args.model, args.adapter, args.dtype)
@@ -306,7 +335,8 @@ def run(args) -> int:
                                         template=args.template, batch_size=args.batch_size,
                                         max_new_tokens=args.max_new_tokens,
                                         image_aspect_ratio=args.image_aspect_ratio, model_id=Path(args.model).name,
-                                        already_done=resumed, share_prefixes=not args.no_shared_prefixes):
+                                        already_done=resumed, share_prefixes=not args.no_shared_prefixes,
+                                        open_image=open_image):
                 log.append(batch)
         answered = log.done
     print(json.dumps({"answers": answered, "resumed_after": resumed, "file": str(args.out)}))
@@ -316,7 +346,12 @@ def run(args) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="a transformers checkpoint (merged, or the base)")
     parser.add_argument("--adapter", help="a DoRA adapter directory to apply to --model")
-    parser.add_argument("--questions", required=True, help="LLaVA question JSONL: question_id, image, text")
+    parser.add_argument("--questions", help="LLaVA question JSONL: question_id, image, text")
+    from .dataset_splits import TASK_CHOICES, add_dataset_arguments
+    add_dataset_arguments(parser, "the questions as a dataset split with its images, instead of --questions")
+    parser.add_argument("--task", choices=TASK_CHOICES, help="with --dataset: the benchmark whose layout it has")
+    parser.add_argument("--images", help="gqa with --dataset: the image table (testdev_balanced_images: id, image); "
+                                         "default: the hub id's own")
     parser.add_argument("--image-folder", help="folder the questions' image paths are relative to")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "plain", "chat", "processor"],

@@ -73,10 +73,25 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
+@dataclass(frozen=True)
+class Preread:
+    """Ground truth already read (from a dataset split, or built by an `evaluate` metric) in the form the task's
+    file reader returns; `source` names it in messages and results."""
+    value: object
+    source: str
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def _read(gt, reader, *args):
+    return gt.value if isinstance(gt, Preread) else reader(gt, *args)
+
+
 # ------------------------------------------------------------------------------------------------ VQA family
 def _vqa_like(reader):
     def run(pred, gt, opt):
-        answers, aliases = reader(gt)
+        answers, aliases = _read(gt, reader)
         matched, cov = match_ids(read_predictions(pred), answers, opt.allow_partial, aliases)
         gt_vision = _mean(vqa.vqa_score(matched[q], answers[q], opt.prediction_processing) for q in matched)
         if opt.protocol == "gt-vision":
@@ -92,7 +107,7 @@ def _vqa_like(reader):
 
 
 def _run_textvqa(pred, gt, opt):
-    questions = read_textvqa(gt)
+    questions = _read(gt, read_textvqa)
     matched, cov, how = match_textvqa(pred, read_prediction_records(pred), questions, opt.allow_partial)
     answers = {q["question_id"]: q["answers"] for q in questions}
     acc = _mean(vqa.textvqa_score(matched[q], answers[q]) for q in matched)
@@ -100,7 +115,7 @@ def _run_textvqa(pred, gt, opt):
 
 
 def _run_gqa(pred, gt, opt):
-    kind, truth = read_gqa(gt)
+    kind, truth = _read(gt, read_gqa)
     predictions = read_predictions(pred)
     if kind == "vlt5":
         matched, cov = match_ids(predictions, truth, opt.allow_partial)
@@ -121,21 +136,21 @@ def _run_gqa(pred, gt, opt):
 
 # ------------------------------------------------------------------------------------------------ closed form
 def _run_pope(pred, gt, opt):
-    labels, categories = read_pope_labels(gt, opt.questions)
+    labels, categories = _read(gt, read_pope_labels, opt.questions)
     matched, cov = match_ids(read_predictions(pred), labels, opt.allow_partial)
     scores = choice.pope_scores(matched, {q: labels[q] for q in matched}, categories)
     return Outcome(scores, scores["mean_f1"], cov)
 
 
 def _run_scienceqa(pred, gt, opt):
-    problems = read_scienceqa(gt, opt.split, opt.splits)
+    problems = _read(gt, read_scienceqa, opt.split, opt.splits)
     matched, cov = match_ids(read_predictions(pred), problems, opt.allow_partial)
     scores = choice.scienceqa_scores(matched, {q: problems[q] for q in matched})
     return Outcome(scores, scores["img_accuracy"], cov)
 
 
 def _run_mmbench(pred, gt, opt):
-    questions = mmbench.read_mmbench(gt)
+    questions = _read(gt, mmbench.read_mmbench)
     notes = []
     if opt.circular and not mmbench.has_circular_copies(questions):
         questions = mmbench.circular_copies(questions)
@@ -163,7 +178,7 @@ def _non_canonical_note(scores: dict, canonical: str) -> list[str]:
 
 
 def _run_nlvr2(pred, gt, opt):
-    labels = read_nlvr2(gt)
+    labels = _read(gt, read_nlvr2)
     matched, cov = match_ids(read_predictions(pred), labels, opt.allow_partial)
     scores = choice.nlvr2_scores(matched, {q: labels[q] for q in matched}, opt.lenient_answers)
     return Outcome(scores, scores["accuracy"], cov, _non_canonical_note(scores, "'true'/'false'"))
@@ -171,7 +186,7 @@ def _run_nlvr2(pred, gt, opt):
 
 def _multiple_choice(n_choices):
     def run(pred, gt, opt):
-        answers, shows = read_value_qa(gt, n_choices)
+        answers, shows = _read(gt, read_value_qa, n_choices)
         matched, cov = match_ids(read_predictions(pred), answers, opt.allow_partial)
         scores = choice.multiple_choice_scores(matched, {q: answers[q] for q in matched}, n_choices,
                                                {q: shows[q] for q in matched} if shows else None, opt.lenient_answers)
@@ -181,7 +196,7 @@ def _multiple_choice(n_choices):
 
 # ------------------------------------------------------------------------------------------------ captions
 def _run_coco_caption(pred, gt, opt):
-    refs, aliases = read_coco_captions(gt, opt.split)
+    refs, aliases = _read(gt, read_coco_captions, opt.split)
     matched, cov = match_ids(read_predictions(pred), refs, opt.allow_partial, aliases)
     scores = captions.coco_caption_scores(matched, {q: refs[q] for q in refs if q in matched}, opt.meteor)
     return Outcome(scores, scores["CIDEr"] / 100, cov)
@@ -190,7 +205,7 @@ def _run_coco_caption(pred, gt, opt):
 def _run_value_captions(pred, gt, opt):
     if opt.tvc_protocol not in TVC_PROTOCOLS:
         raise InputError(f"--tvc-protocol must be one of {TVC_PROTOCOLS}, got {opt.tvc_protocol!r}")
-    refs = read_value_captions(gt)
+    refs = _read(gt, read_value_captions)
     matched, cov = match_ids(read_predictions(pred), refs, opt.allow_partial)  # in submission order
     refs = {c: refs[c] for c in refs if c in matched}  # in ground-truth order
     if opt.tvc_protocol == "value":
@@ -231,7 +246,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
-def score(task: str, predictions: Path, ground_truth: Path, options: TaskOptions = TaskOptions()) -> dict:
+def score(task: str, predictions: Path, ground_truth: "Path | Preread", options: TaskOptions = TaskOptions()) -> dict:
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     t = TASKS[task]
@@ -239,7 +254,8 @@ def score(task: str, predictions: Path, ground_truth: Path, options: TaskOptions
         raise InputError(f"--protocol must be one of {VQA_PROTOCOLS}, got {options.protocol!r}")
     if options.protocol != TaskOptions.protocol and task != "vqav2":
         raise InputError(f"--protocol {options.protocol} applies to vqav2 only, not {task}")  # not silently ignored
-    outcome = t.run(Path(predictions), Path(ground_truth), options)
+    outcome = t.run(Path(predictions), ground_truth if isinstance(ground_truth, Preread) else Path(ground_truth),
+                    options)
     headline = outcome.headline_x100 if outcome.headline_x100 is not None else 100 * outcome.headline
     metric = "VQA accuracy (VL-T5 evaluate_raw)" if outcome.scores.get("protocol") == "vlt5" else t.metric
     return {"task": task, "metric": metric, "score": headline, "scores": outcome.scores,

@@ -28,3 +28,21 @@ def llava_assets(tmp_path_factory):
     checkpoints = make_demo_checkpoints(root / "checkpoints", corpus_from_llava_json(data["train"]),
                                         dialogues_from_llava_json(data["train"]), lm_steps=5, hidden=64)
     return {"root": root, **data, **checkpoints}
+
+
+@pytest.fixture(scope="session")
+def llava_dir(llava_assets, tmp_path_factory):
+    """The tiny LLaVA of llava_assets assembled and saved as one checkpoint (eval generate's --model)."""
+    import torch
+
+    from recipes.llava.model import LlavaModelConfig, build_llava
+
+    torch.manual_seed(0)
+    model, tokenizer, image_processor = build_llava(LlavaModelConfig(
+        llm=str(llava_assets["llm"]), vision_tower=str(llava_assets["vision"]),
+        projector=str(llava_assets["projector"]), dtype="fp32"))
+    out = tmp_path_factory.mktemp("llava_model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    return out

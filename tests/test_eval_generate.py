@@ -102,23 +102,6 @@ def test_shards_merge_into_the_question_order(tmp_path):
         merge_shards(qfile, parts, tmp_path / "x.jsonl")
 
 
-@pytest.fixture(scope="module")
-def llava_dir(llava_assets, tmp_path_factory):
-    import torch
-
-    from recipes.llava.model import LlavaModelConfig, build_llava
-
-    torch.manual_seed(0)
-    model, tokenizer, image_processor = build_llava(LlavaModelConfig(
-        llm=str(llava_assets["llm"]), vision_tower=str(llava_assets["vision"]),
-        projector=str(llava_assets["projector"]), dtype="fp32"))
-    out = tmp_path_factory.mktemp("llava_model")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    return out
-
-
 def test_kill_9_loses_at_most_the_batch_being_decoded(llava_assets, llava_dir, tmp_path):
     """A real `eval generate` killed with SIGKILL mid-run, rerun with the same command: the answers equal those of
     a run that was never interrupted. 240 questions (ids repeating), batches of 2."""
