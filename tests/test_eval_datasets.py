@@ -239,9 +239,10 @@ def test_mmbench_rows_with_rotated_copies(tmp_path, capsys):
     features.update(image=d.Image(), source=d.Value("string"), **{"L2-category": d.Value("string")},
                     comment=d.Value("string"), split=d.Value("string"))
     saved, _ = save(rows, features, tmp_path / "hub", "dev")
-    p = preds(tmp_path / "a.jsonl", {0: "B", 1000000: "C", 2000000: "A", 1: "A", 1000001: "A"})
+    # "one, not nan" is option A by the text rule only while the "nan" cell is no option (pandas' NA rule)
+    p = preds(tmp_path / "a.jsonl", {0: "B", 1000000: "C", 2000000: "A", 1: "one, not nan", 1000001: "A"})
     official = score(capsys, "mmbench", p, "--gt", tsv)
-    assert official["score"] == pytest.approx(50.0)
+    assert official["score"] == pytest.approx(50.0) and official["scores"]["single_pass_accuracy"] == 1.0
     assert score(capsys, "mmbench", p, "--dataset", saved) == official
 
 
@@ -323,6 +324,12 @@ def test_generate_asks_the_same_prompts_and_gets_the_same_answers_from_both_form
     assert [a["prompt"] for a in from_split] == [a["prompt"] for a in from_files]
     assert [a["text"] for a in from_split] == [a["text"] for a in from_files]
     assert [a["question_id"] for a in from_split] == [q for q, _, _ in questions]
+    from PIL import Image
+
+    from eval.dataset_splits import read_questions
+    split_questions, image_of = read_questions("textvqa", str(saved))  # each row's own image, as the folder's file
+    for q, (_, img, _) in zip(split_questions, questions):
+        assert image_of(q).tobytes() == Image.open(images / f"{img}.png").convert("RGB").tobytes()
     # ground truth where half the model's answers are right, in both forms
     answers = {q: ([a["text"]] * 10 if k % 2 else ["zzz"] * 10)
                for k, ((q, _, _), a) in enumerate(zip(questions, from_split))}
