@@ -12,6 +12,9 @@ USE = ("import dora, data, eval, recipes, recipes.llava.train, recipes.vlbart.tr
        "from dora import apply_dora\n"
        "from importlib.resources import files\n"
        "assert files('recipes').joinpath('llava/configs/llava_v1_5_7b_dora.yaml').is_file()\n"
+       "import evaluate\n"  # the metric scripts travel with eval and load from where it was installed
+       "metric = evaluate.load(str(files('eval') / 'metrics' / 'textvqa'))\n"
+       "assert metric.compute(predictions=['nokia'], references=[['Nokia'] * 10])['score'] == 100.0\n"
        "print(dora.__file__)\n")
 
 
