@@ -174,14 +174,17 @@ class AnswerLog:
         self.close()
 
 
-def merge_shards(questions_path: PathLike, parts: Sequence[PathLike], out: PathLike) -> int:
+def merge_shards(questions_path: PathLike, parts: Sequence[PathLike], out: PathLike,
+                 questions: Optional[list[dict]] = None, source: Optional[tuple[str, str]] = None) -> int:
     """The answers of N `--shard i/N` runs (parts in shard order) in the question file's order; every part must
-    be complete. Returns the number of answers written."""
-    questions = read_questions(Path(questions_path))
+    be complete. Returns the number of answers written. A run over a dataset split gives its `questions` and
+    `source` (the run-file key that identifies the split, its value) instead of reading a question file."""
+    if questions is None:
+        questions = read_questions(Path(questions_path))
     count = len(parts)
     if count == 0:
         raise InputError("merge: no answer files given")
-    digest = file_digest(questions_path)
+    key, digest = source if source is not None else ("questions_sha256", file_digest(questions_path))
     merged: list[Optional[dict]] = [None] * len(questions)
     first: Optional[tuple[Path, dict]] = None
     for index, part in enumerate(parts):
@@ -198,8 +201,8 @@ def merge_shards(questions_path: PathLike, parts: Sequence[PathLike], out: PathL
             if shard != [index, count]:
                 raise InputError(f"{part}: written for --shard {shard[0]}/{shard[1]}, given as part {index} of "
                                  f"{count}: list the parts in shard order")
-            if meta.get("questions_sha256") != digest:
-                raise InputError(f"{part}: answers a different question file than {questions_path}")
+            if meta.get(key) != digest:
+                raise InputError(f"{part}: answers different questions than {questions_path}")
             if first is None:
                 first = (part, meta)
             else:

@@ -111,9 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="the answer files of `generate --shard i/N` runs, in the question file's order")
     m.add_argument("parts", nargs="+", type=Path, help="the N answer files, in shard order (0/N first)")
-    m.add_argument("--questions", required=True, type=Path, help="the question file the shards answered")
+    m.add_argument("--questions", type=Path, help="the question file the shards answered")
+    m.add_argument("--task", choices=sorted(TASKS), help="with --dataset: the benchmark layout the shards read")
+    add_dataset_arguments(m, "the split the shards answered (`generate --dataset`), instead of --questions")
     m.add_argument("--out", required=True, type=Path)
     return parser
+
+
+def _merge(args) -> int:
+    if (args.questions is None) == (args.dataset is None):
+        raise InputError("give the questions the shards answered as --questions FILE or as --dataset SPLIT --task T")
+    if args.dataset is None:
+        return merge_shards(args.questions, args.parts, args.out)
+    if args.task is None:
+        raise InputError("--dataset needs --task (which benchmark's layout the shards read)")
+    from .dataset_splits import dataset_fingerprint, read_questions
+    questions, _ = read_questions(args.task, args.dataset, args.dataset_split, args.dataset_config, open_images=False)
+    fingerprint = dataset_fingerprint(args.dataset, args.dataset_split, args.dataset_config, args.task)
+    return merge_shards(args.dataset, args.parts, args.out, questions=questions,
+                        source=("dataset_fingerprint", fingerprint))
 
 
 def main(argv=None) -> int:
@@ -125,7 +141,7 @@ def main(argv=None) -> int:
             return run(args)
         if args.command == "merge":
             check_writable(args.out)
-            n = merge_shards(args.questions, args.parts, args.out)
+            n = _merge(args)
             print(json.dumps({"answers": n, "file": str(args.out)}))
         elif args.command == "tasks":
             print(_tasks_table())

@@ -316,7 +316,7 @@ class SplitImages:
 
 
 def read_questions(task: str, source: str, split: Optional[str] = None, config: Optional[str] = None,
-                   images: Optional[str] = None):
+                   images: Optional[str] = None, open_images: bool = True):
     """(questions as LLaVA's question files hold them: question_id, text, image (a key naming the image), and the
     function giving a question's image). GQA's images come from `images` (default: the hub id's
     testdev_balanced_images configuration, or a folder / file of that table)."""
@@ -334,6 +334,8 @@ def read_questions(task: str, source: str, split: Optional[str] = None, config: 
         key = str(r[layout.image_key]) if layout.image_key else f"row {row}"
         questions.append({"question_id": r[layout.id_column] if layout.id_column else row, "text": prompt(task, r),
                           "image": key, "_row": row})
+    if not open_images:  # `eval merge` needs the questions only
+        return questions, None
     if task == "gqa":
         image_source = images or (source if not Path(source).exists() else None)
         if image_source is None:

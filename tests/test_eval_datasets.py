@@ -324,6 +324,21 @@ def test_generate_asks_the_same_prompts_and_gets_the_same_answers_from_both_form
     assert [a["prompt"] for a in from_split] == [a["prompt"] for a in from_files]
     assert [a["text"] for a in from_split] == [a["text"] for a in from_files]
     assert [a["question_id"] for a in from_split] == [q for q, _, _ in questions]
+    # the same run in two shards, merged by the split they answered
+    parts = [tmp_path / f"part{i}.jsonl" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert main(["generate", *common, "--dataset", str(saved), "--task", "textvqa", "--shard", f"{i}/2",
+                     "--out", str(part)]) == 0
+    assert main(["merge", *map(str, parts), "--dataset", str(saved), "--task", "textvqa",
+                 "--out", str(tmp_path / "merged.jsonl")]) == 0
+    merged = [json.loads(x) for x in (tmp_path / "merged.jsonl").read_text().splitlines()]
+    assert [(a["question_id"], a["text"]) for a in merged] == [(a["question_id"], a["text"]) for a in from_split]
+    capsys.readouterr()
+    other, _ = save(rows({q: ["y"] * 10 for q, _, _ in questions}), textvqa_features(), tmp_path / "other",
+                    "validation")
+    assert main(["merge", *map(str, parts), "--dataset", str(other), "--task", "textvqa",
+                 "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "answers different questions" in capsys.readouterr().err
     from PIL import Image
 
     from eval.dataset_splits import read_questions
