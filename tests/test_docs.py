@@ -122,8 +122,10 @@ def test_every_docs_page_is_linked_from_the_readme_and_says_what_it_covers():
     readme = set(links(ROOT / "README.md"))
     for page in PAGES[1:]:
         assert any(t.partition("#")[0] == f"docs/{page.name}" for t in readme), f"README does not link {page.name}"
-        lines = page.read_text().splitlines()
-        assert lines[0].startswith("# ") and lines[2].startswith("What this page covers:"), page.name
+        title, _, rest = page.read_text().partition("\n")
+        opening = rest.strip().split("\n\n", 1)[0]
+        assert title.startswith("# ") and opening and not opening.startswith("#"), (
+            f"{page.name}: a title, then a paragraph saying what the page covers")
 
 
 def test_readme_is_the_front_door():
