@@ -269,7 +269,7 @@ def encode(tokenizer, rendered: Rendered, image_token_id: int, add_special_token
     tokenized by its own call (the first one adds BOS), and the image token goes between. With vicuna's
     sentencepiece tokenizer the text after the image therefore starts with "▁" (id 29871), which one call over
     the whole string would drop. Inside each piece the tokenizer cuts the string as it does by itself, so a
-    round boundary "</s>USER" follows the installed tokenizer (see the README: the paper's transformers 4.31 cut
+    round boundary "</s>USER" follows the installed tokenizer (see docs/fidelity.md: the paper's transformers 4.31 cut
     it differently)."""
     special_ids = set(tokenizer.all_special_ids)
     ids, offsets, pos = [], [], 0

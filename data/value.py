@@ -1,11 +1,11 @@
 """The VALUE benchmark's video-text tasks (TVQA, How2QA, TVC, YC2C) as VL-BART examples.
 
-Files in the VALUE release formats (VALUE-Leaderboard/DataRelease; see the README):
+Files in the VALUE release formats (VALUE-Leaderboard/DataRelease; see docs/vlbart.md):
 - subtitles `{tv,how2,yc2}_subtitles.jsonl`: {"vid_name", "sub": [{"text", "start", "end"}, ...]}
 - TVQA / How2QA `*.jsonl`: {"qid", "vid_name", "q", "a0".."a4" (How2QA: "a3"), "answer_idx" (not in test), "ts": "st-ed"}
 - TVC / YC2C `*.jsonl`: {"clip_id", "vid_name", "ts": [st, ed] (TVC only), "descs": [{"desc", "desc_id"}, ...]}
 
-Inputs are built as NVlabs/DoRA's VL-BART builds them (facts in the README): the whole video's subtitles
+Inputs are built as NVlabs/DoRA's VL-BART builds them (facts in docs/vlbart.md): the whole video's subtitles
 "[Subs] ...", then for QA "[Q] question [TS] (st-ed) [Choices] a0: ... a1: ...", for TVC "[TS] ([st, ed])", and
 the task prompt at the end ("... tvqa: "). Targets: "a{answer_idx}", or the description. Training makes one
 example per description (TVC has 2 per training clip); evaluation one per clip (its descriptions are the

@@ -1,6 +1,6 @@
 """VL-BART task data: the reference's files -> tokenised inputs, targets and visual features, and their batching.
 
-Files as VL-T5 / VL-Adapter / the DoRA fork read them (see the README for where they come from):
+Files as VL-T5 / VL-Adapter / the DoRA fork read them (see docs/vlbart.md for where they come from):
 - VQAv2 Karpathy splits `karpathy_{train,val,test}.json`: [{"img_id", "sent", "question_id", "label": {answer:
   score}, ...}]. Training target: an answer drawn from `label` with probability proportional to its score, drawn
   again every epoch, and the example's loss weighted by that score (the reference's rule).

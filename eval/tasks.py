@@ -1,4 +1,4 @@
-"""Every benchmark of the paper's VL tables: its ground-truth reader, scorer, and what the README says of it.
+"""Every benchmark of the paper's VL tables: its ground-truth reader, scorer, and what docs/evaluation.md says of it.
 
 `score(task, predictions_path, ground_truth_path, options)` returns
     {"task", "metric", "score" (the headline number, x100), "scores" (all numbers), "coverage", "notes"}.

@@ -121,7 +121,7 @@ MLLAMA = ("{{ bos_token }}"
 TEMPLATES = {"llava": LLAVA_15, "llava_next": LLAVA_15, "llava_next_mistral": LLAVA_NEXT_MISTRAL,
              "llava_next_mistral_bs": LLAVA_NEXT_MISTRAL_BS, "llava_onevision": LLAVA_ONEVISION, "qwen2_vl": QWEN2_VL,
              "idefics3": IDEFICS3, "smolvlm": SMOLVLM, "gemma3": GEMMA3, "mllama": MLLAMA}
-# The real template each of ours renders the same text as (tests/test_vlm_chat.py; README "Adapt to a new VLM")
+# The real template each of ours renders the same text as (tests/test_vlm_chat.py; docs/vlm.md)
 TEMPLATE_SOURCES = {
     "llava": "llava-hf/llava-1.5-7b-hf chat_template.json",
     "llava_next": "llava-hf/llava-v1.6-vicuna-7b-hf chat_template.json (the llava-1.5-hf template)",
