@@ -15,7 +15,10 @@ Every method gets the same data, 1000 steps of batch 32, linear schedule and lea
 each, extended past the grid's edge while the edge wins; best on validation, then seeds 0, 1, 2 at that rate).
 Full fine-tuning trains every parameter of the model; LoRA (PEFT, as the VL-BART recipe builds it) and DoRA (this
 library) train the query and value projections of every attention (rank 4, alpha 8) and nothing else, so that the
-analysis sees what each method did to those weights. Snapshots (train.snapshot_steps) at 10, 25, 50, 75 and 100 %
+analysis sees what each method did to those weights. VeRA and DVoRA (issue 25: DoRA's split with VeRA's update,
+this library's `variant: vera`) adapt the same modules with shared random projections of rank 64 (the full width
+of these 64 x 64 weights: VeRA trains only b (out) and d (r) per module, and the paper gave VeRA / DVoRA a much
+higher rank than LoRA), d_initial 0.1, projection seed 0. Snapshots (train.snapshot_steps) at 10, 25, 50, 75 and 100 %
 of training feed `python -m dora.analysis`, whose figure and slopes this script writes. The same DoRA then trains
 with the paper's dropout 0.05 in both forms of the layer, "exact" and "lora-branch" (LoRA with 0.05 alongside).
 
@@ -46,6 +49,7 @@ VOCAB = SPECIALS + COLOURS + SHAPES + ["colour", "shape", "left", "right"] + [st
 TOKEN = {t: i for i, t in enumerate(VOCAB)}
 TARGET = r".*\.(q|v)_proj"  # every attention's query and value projection: 12 modules in the 2 + 2 layer BART
 RANK = 4
+VERA_RANK = 64  # = d_model: every direction of these weights; 64 + 64 trained per module (VeRA), + 64 (DVoRA)
 SNAPSHOT_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)  # of the run's steps: where snapshots are taken for the analysis
 # The decoder reads one position (the start token: answers are one token), so its self-attention has one key and its
 # query projection gets no gradient to speak of (measured: within 1e-5 of W0 in every method after 400 steps); those two
@@ -182,6 +186,12 @@ def snapshot_steps(steps: int) -> list:
     return sorted({max(1, round(f * steps)) for f in SNAPSHOT_FRACTIONS})
 
 
+def vera_rule(method: str, dropout: float = 0.0) -> dict:
+    """The VeRA (no magnitude) or DVoRA rule: this library's `variant: vera` on the same modules."""
+    return {"match": TARGET, "rank": VERA_RANK, "variant": "vera", "magnitude": method == "dvora", "d_initial": 0.1,
+            "projection_seed": 0, "dropout": dropout, "detach_norm": True}
+
+
 def train(args) -> dict:
     """One run: base model, method, trainer with snapshots; writes result.json in args.run."""
     import torch
@@ -200,6 +210,8 @@ def train(args) -> dict:
                                      "dropout_mode": args.dropout_mode, "detach_norm": True}]}
     elif args.method == "lora":
         method["lora"] = {"target": TARGET, "rank": RANK, "alpha": 2 * RANK, "dropout": args.dropout}
+    elif args.method in ("vera", "dvora"):
+        method = {"method": "dora", "dora": {"rules": [vera_rule(args.method, args.dropout)]}}
     else:
         method["full"] = {"train_fully": [".*"]}
     table = adapt(model, method)
@@ -249,9 +261,11 @@ def run_one(out: Path, base: Path, method: str, lr: float, seed: int, steps: int
     return result
 
 
-LRS = {"full": [3e-4, 1e-3, 3e-3], "lora": [3e-3, 1e-2, 3e-2], "dora": [3e-3, 1e-2, 3e-2]}
+LRS = {"full": [3e-4, 1e-3, 3e-3], "lora": [3e-3, 1e-2, 3e-2], "dora": [3e-3, 1e-2, 3e-2],
+       "vera": [1e-2, 3e-2, 1e-1], "dvora": [1e-2, 3e-2, 1e-1]}  # VeRA's vectors take higher rates (its paper)
 STEPS = 1000
-NAMES = {"full": "FT", "lora": "LoRA", "dora": "DoRA"}
+NAMES = {"full": "FT", "lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "dvora": "DVoRA"}
+METHODS = tuple(NAMES)
 
 
 def mean_std(values):
@@ -272,7 +286,7 @@ def experiment(args) -> dict:
     t_start = time.perf_counter()
     reused = len(list((out / "runs").glob("*/result.json")))  # runs of an earlier invocation are not run again
     chosen, results, searched = {}, {}, {}
-    for method in ("full", "lora", "dora"):
+    for method in METHODS:
         search = [run_one(out, base, method, lr, args.seeds[0], args.steps) for lr in LRS[method]]
         best = max(search, key=lambda r: (r["val_accuracy"], -r["final_loss"]))
         # a best rate at the edge of the grid: one more rate beyond it, as many times as it stays the best
@@ -296,7 +310,7 @@ def experiment(args) -> dict:
     # the analysis of the first seed's runs, from their snapshots
     analysis_dir = out / "analysis"
     checkpoints = []
-    for method in ("full", "lora", "dora"):
+    for method in METHODS:
         tag = f"{method}_lr{chosen[method]:g}_s{args.seeds[0]}"
         for step in snapshot_steps(args.steps):
             snap = out / "runs" / tag / "snapshots" / f"step_{step}"
@@ -336,12 +350,12 @@ def experiment(args) -> dict:
                 "trainable_parameters": runs[0]["trainable_parameters"],
                 "total_parameters": runs[0]["total_parameters"]}
 
-    table = [row(NAMES[m], results[m]) for m in ("full", "lora", "dora")]
+    table = [row(NAMES[m], results[m]) for m in METHODS]
     table += [row("LoRA, dropout 0.05", lora_dropout),
               row("DoRA, dropout 0.05 exact", dropout["exact"]),
               row("DoRA, dropout 0.05 lora-branch", dropout["lora-branch"])]
     summary = {"setting": {"steps": args.steps, "batch": 32, "seeds": args.seeds, "rank": RANK, "alpha": 2 * RANK,
-                           "target": TARGET, "lr_grid": LRS, "val_accuracy_by_lr": searched, "chosen_lr": chosen, "threads": 1,
+                           "target": TARGET, "vera": vera_rule("dvora"), "lr_grid": LRS, "val_accuracy_by_lr": searched, "chosen_lr": chosen, "threads": 1,
                            "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                            "wall_seconds_this_invocation": time.perf_counter() - t_start,
                            "runs_reused_from_earlier_invocations": reused},
@@ -367,7 +381,8 @@ def experiment(args) -> dict:
 
 TIMED = {"LoRA": ("lora", 0.0, "exact"), "LoRA, dropout 0.05": ("lora", 0.05, "exact"),
          "DoRA": ("dora", 0.0, "exact"), "DoRA, dropout 0.05 exact": ("dora", 0.05, "exact"),
-         "DoRA, dropout 0.05 lora-branch": ("dora", 0.05, "lora-branch")}
+         "DoRA, dropout 0.05 lora-branch": ("dora", 0.05, "lora-branch"), "VeRA": ("vera", 0.0, "exact"),
+         "DVoRA": ("dvora", 0.0, "exact")}
 
 
 def _paired(a, b) -> dict:
@@ -397,6 +412,8 @@ def time_steps(args) -> dict:
         if method == "dora":
             cfg["dora"] = {"rules": [{"match": TARGET, "rank": RANK, "alpha": 2 * RANK, "dropout": dropout,
                                       "dropout_mode": mode, "detach_norm": True}]}
+        elif method in ("vera", "dvora"):
+            cfg = {"method": "dora", "dora": {"rules": [vera_rule(method, dropout)]}}
         else:
             cfg["lora"] = {"target": TARGET, "rank": RANK, "alpha": 2 * RANK, "dropout": dropout}
         adapt(model, cfg)
@@ -448,13 +465,14 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="one run (used by the experiment)")
     t.add_argument("--base", required=True)
     t.add_argument("--run", required=True)
-    t.add_argument("--method", choices=("full", "lora", "dora"), required=True)
+    t.add_argument("--method", choices=METHODS, required=True)
     t.add_argument("--lr", type=float, required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=STEPS)
     t.add_argument("--dropout", type=float, default=0.0)
     t.add_argument("--dropout-mode", default="exact")
-    tm = sub.add_parser("time", help="step time of LoRA and the DoRA dropout forms, interleaved in one process")
+    tm = sub.add_parser("time", help="step time of LoRA, the DoRA dropout forms, VeRA and DVoRA, interleaved in one "
+                                     "process")
     tm.add_argument("--base", default="runs/decomposition/base")
     tm.add_argument("--rounds", type=int, default=40)
     tm.add_argument("--steps-per-round", type=int, default=30)

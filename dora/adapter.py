@@ -11,6 +11,13 @@ still load.
 PEFT's format (`export_peft` / `import_peft`): adapter_config.json + adapter_model.safetensors, readable by
 `peft.PeftModel.from_pretrained(base, dir)` with use_dora. Magnitude-only modules are exported as rank-1 DoRA
 modules with A = B = 0, which PEFT evaluates to exactly (m / ||W0||) W0 x.
+
+VeRA-variant modules (dora/vera.py) save vera_lambda_b, vera_lambda_d (and the magnitude, DVoRA); their shared
+projections are written once per group as `vera_projections.r{rank}.seed{seed}.A` / `.B` (save_projection), and
+the config records each group's seed, shapes and the sha256 of what the seed draws. On load the projections are
+regenerated from the seed and checked against the file's, or against the recorded digest where the file has none:
+an adapter is never applied with other projections than it was trained with. Plain VeRA (magnitude: false)
+exports to PEFT's VeraConfig format; DVoRA has no PEFT format (PEFT has no DVoRA).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from .layer import DoRALinear
 from .targeting import DoRARule, DoRASpec, apply_dora, dora_modules, get_spec, train_fully_parameters
+from .vera import VeRALinear, draw_projections, projection_digest, vera_projection_groups
 
 CONFIG_NAME = "dora_config.json"
 WEIGHTS_NAME = "dora_adapter.safetensors"
@@ -95,17 +103,70 @@ def _module_settings(module: DoRALinear) -> dict:
         "alpha": module.alpha, "scaling": module.scaling, "rslora": module.rslora,
         "magnitude_only": module.magnitude_only, "dropout": module.dropout,
         "dropout_mode": module.dropout_mode, "detach_norm": module.detach_norm, "inplace_safe": module.inplace_safe,
+        "variant": getattr(module, "variant", "lora"),
+        **({"magnitude": module.has_magnitude, "d_initial": module.d_initial, "projections": module.vera_projections.key,
+            "save_projection": module.save_projection} if isinstance(module, VeRALinear) else {}),
     }
+
+
+def _projection_records(model: nn.Module) -> tuple[dict, dict]:
+    """(config records, tensors) of the model's VeRA projection groups: seed, shapes, the digest of what the seed
+    draws, and the projections themselves where a module of the group saves them."""
+    records, tensors = {}, {}
+    saving = {m.vera_projections.key for m in dora_modules(model).values()
+              if isinstance(m, VeRALinear) and m.save_projection}
+    for key, group in vera_projection_groups(model).items():
+        A, B = draw_projections(group.rank, group.A.shape[1], group.B.shape[0], group.seed)
+        records[key] = {"rank": group.rank, "seed": group.seed, "A_shape": list(group.A.shape),
+                        "B_shape": list(group.B.shape), "dtype": str(group.A.dtype).replace("torch.", ""),
+                        "sha256_A": projection_digest(A), "sha256_B": projection_digest(B), "saved": key in saving}
+        if key in saving:
+            tensors[f"{key}.A"], tensors[f"{key}.B"] = group.A.float(), group.B.float()
+    return records, tensors
+
+
+def _check_projections(model: nn.Module, records: Mapping[str, dict], tensors: dict, source: str) -> None:
+    """The model's projection groups (just drawn from their seeds) are the ones the adapter was trained with:
+    equal to the file's where it has them (compared in the dtype training held them in), else the seed must draw
+    the recorded digest. Pops the projection tensors out of `tensors`."""
+    groups = vera_projection_groups(model)
+    if set(groups) != set(records):
+        raise AdapterError(f"{source}: VeRA projection groups differ: the model has {sorted(groups)}, the adapter "
+                           f"{sorted(records)}")
+    for key, rec in records.items():
+        group = groups[key]
+        shapes = (list(group.A.shape), list(group.B.shape))
+        if shapes != (rec["A_shape"], rec["B_shape"]):
+            raise AdapterError(f"{source}: projections {key} are A {shapes[0]}, B {shapes[1]} in the model but "
+                               f"A {rec['A_shape']}, B {rec['B_shape']} in the adapter (the largest in / out of the "
+                               f"adapted modules differ)")
+        if rec.get("saved"):
+            held = getattr(torch, rec.get("dtype", "float32"))
+            for part in ("A", "B"):
+                saved = tensors.pop(f"{key}.{part}", None)
+                if saved is None:
+                    raise AdapterError(f"{source}: the config says projections {key} were saved, but the file has no "
+                                       f"{key}.{part}")
+                if not torch.equal(saved.to(held), getattr(group, part).to(saved.device, held)):
+                    raise AdapterError(
+                        f"{source}: projection {key}.{part} in the checkpoint does not match the one projection_seed "
+                        f"{rec['seed']} draws (rank {rec['rank']}): the file was edited, or the adapter was trained "
+                        f"with other projections than its config's seed; the adapter cannot be applied as saved")
+        else:
+            digests = (projection_digest(group.A.float()), projection_digest(group.B.float()))
+            if digests != (rec["sha256_A"], rec["sha256_B"]):
+                raise AdapterError(
+                    f"{source}: projections {key} regenerated from projection_seed {rec['seed']} differ from the ones "
+                    f"the adapter was trained with (sha256 recorded at save); this torch draws other numbers from the "
+                    f"seed: save the adapter with save_projection: true")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor an adapter holds: A, B and m of each DoRA module, and every train_fully parameter."""
     state = {}
     for name, module in dora_modules(model).items():
-        for part in ("lora_A", "lora_B", "magnitude"):
-            p = getattr(module, part)
-            if p is not None:
-                state[f"{name}.{part}"] = p
+        for part, p in module.adapter_parameters().items():
+            state[f"{name}.{part}"] = p
     state.update(train_fully_parameters(model))
     return state
 
@@ -117,12 +178,15 @@ def save_adapter(model: nn.Module, path: PathLike, metadata: Optional[dict] = No
     path = Path(path)
     modules = dora_modules(model)
     state = dict(adapter_state_dict(model) if state_dict is None else state_dict)
+    projections, projection_tensors = _projection_records(model)  # buffers: the same on every rank, never partitioned
+    state.update(projection_tensors)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "spec": get_spec(model).to_dict(),
         "modules": {name: _module_settings(m) for name, m in modules.items()},
         "train_fully_parameters": sorted(train_fully_parameters(model)),
+        **({"projections": projections} if projections else {}),
         "metadata": metadata or {},
     }
     save_id = uuid.uuid4().hex
@@ -188,8 +252,10 @@ def load_adapter(model: nn.Module, path: PathLike, *, verbose: bool = False) -> 
                            f"only in the adapter: {only_file})")
     for name, module in modules.items():
         want = saved[name]
-        if (module.rank, module.magnitude_only, module.in_features, module.out_features) != (
-                want["rank"], want["magnitude_only"], want["in_features"], want["out_features"]):
+        if (module.rank, module.magnitude_only, module.in_features, module.out_features,
+                getattr(module, "variant", "lora"), getattr(module, "has_magnitude", True)) != (
+                want["rank"], want["magnitude_only"], want["in_features"], want["out_features"],
+                want.get("variant", "lora"), want.get("magnitude", True)):
             raise AdapterError(f"{path}: module {name!r} is {_module_settings(module)} in the model but "
                                f"{want} in the adapter")
         if module.merged:
@@ -198,6 +264,7 @@ def load_adapter(model: nn.Module, path: PathLike, *, verbose: bool = False) -> 
             raise AdapterError(f"{path}: module {name!r} has scaling {module.scaling} in the model but "
                                f"{want['scaling']} in the adapter")
     tensors = load_file(str(path / WEIGHTS_NAME))
+    _check_projections(model, config.get("projections", {}), tensors, str(path / WEIGHTS_NAME))
     expected = adapter_state_dict(model)
     _copy_into(expected, tensors, source=str(path / WEIGHTS_NAME))
     for module in modules.values():
@@ -268,6 +335,9 @@ def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optio
     values = dict(adapter_state_dict(model) if state_dict is None else state_dict)
     if not modules:
         raise AdapterError("the model has no DoRA modules to export")
+    vera = [n for n, m in modules.items() if isinstance(m, VeRALinear)]
+    if vera:
+        return _export_peft_vera(model, path, modules, values, base_model_name_or_path)
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = {}, {}
     for name, m in modules.items():
@@ -286,21 +356,7 @@ def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optio
             ranks[name], alphas[name] = m.rank, m.scaling * m.rank
         tensors[f"{key}.lora_magnitude_vector"] = magnitude
 
-    fully = train_fully_parameters(model)
-    module_names = [n for n, _ in model.named_modules() if n]
-    modules_to_save = []
-    for mod_name, mod in model.named_modules():
-        if not mod_name or isinstance(mod, DoRALinear) or dora_modules(mod):
-            continue
-        names = [f"{mod_name}.{n}" for n, _ in mod.named_parameters()]
-        if (names and all(n in fully for n in names)
-                and not any(mod_name.startswith(s + ".") for s in modules_to_save)
-                and _peft_modules_to_save_selects_only(mod_name, module_names, modules)):
-            modules_to_save.append(mod_name)
-    for name in fully:
-        owner, _, leaf = name.rpartition(".")
-        peft_name = f"{owner}.base_layer.{leaf}" if owner in modules else name
-        tensors[PEFT_PREFIX + peft_name] = values[name]
+    modules_to_save = _export_fully_trained(model, modules, values, tensors)
 
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -332,12 +388,151 @@ def export_peft(model: nn.Module, path: PathLike, base_model_name_or_path: Optio
     return path
 
 
+def _export_fully_trained(model: nn.Module, modules, values, tensors: dict) -> list:
+    """Fully trained parameters into `tensors` under the names PEFT loads them by; returns modules_to_save."""
+    fully = train_fully_parameters(model)
+    module_names = [n for n, _ in model.named_modules() if n]
+    modules_to_save = []
+    for mod_name, mod in model.named_modules():
+        if not mod_name or isinstance(mod, DoRALinear) or dora_modules(mod):
+            continue
+        names = [f"{mod_name}.{n}" for n, _ in mod.named_parameters()]
+        if (names and all(n in fully for n in names)
+                and not any(mod_name.startswith(s + ".") for s in modules_to_save)
+                and _peft_modules_to_save_selects_only(mod_name, module_names, modules)):
+            modules_to_save.append(mod_name)
+    for name in fully:
+        owner, _, leaf = name.rpartition(".")
+        peft_name = f"{owner}.base_layer.{leaf}" if owner in modules else name
+        tensors[PEFT_PREFIX + peft_name] = values[name]
+    return modules_to_save
+
+
+def peft_export_problem(model: nn.Module) -> Optional[str]:
+    """Why export_peft cannot write this model's adapter (DVoRA modules, or VeRA beside DoRA), or None."""
+    modules = dora_modules(model)
+    vera = [m for m in modules.values() if isinstance(m, VeRALinear)]
+    if any(m.has_magnitude for m in vera):
+        return "PEFT has no DVoRA (VeRA with DoRA's magnitude): the adapter is in this library's format only"
+    if vera and len(vera) != len(modules):
+        return "PEFT holds one adapter type per adapter: VeRA and DoRA modules together have no PEFT format"
+    return None
+
+
+def _export_peft_vera(model: nn.Module, path: Path, modules, values, base_model_name_or_path) -> Path:
+    """Plain VeRA modules as a PEFT VeraConfig adapter: one rank, seed, d_initial and dropout (PEFT has one of each
+    per adapter), the projections saved (save_projection), so that PEFT evaluates the same update."""
+    dvora = sorted(n for n, m in modules.items() if getattr(m, "has_magnitude", True))
+    if dvora:
+        kinds = "DVoRA (VeRA with DoRA's magnitude)" if all(isinstance(modules[n], VeRALinear) for n in dvora) \
+            else "DoRA modules beside VeRA ones"
+        raise AdapterError(f"export_peft: modules {dvora[:3]} are {kinds}, which PEFT has no format for (its VeRA "
+                           f"has no magnitude, and one adapter holds one type); save them with save_adapter")
+    groups = vera_projection_groups(model)
+    if len(groups) != 1:
+        raise AdapterError(f"export_peft: PEFT's VeRA shares one pair of projections per adapter; this model has "
+                           f"{len(groups)} groups ({sorted(groups)}): use one rank and one projection_seed")
+    group = next(iter(groups.values()))
+    for what in ("d_initial", "dropout"):
+        found = {getattr(m, what) for m in modules.values()}
+        if len(found) > 1:
+            raise AdapterError(f"export_peft: PEFT's VeraConfig has one {what}; the modules have {sorted(found)}")
+    first = next(iter(modules.values()))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in modules.items():
+        if m.merged:
+            raise AdapterError(f"module {name!r} is merged; unmerge before exporting")
+        for part in ("vera_lambda_b", "vera_lambda_d"):
+            tensors[f"{PEFT_PREFIX}{name}.{part}"] = values[f"{name}.{part}"]
+    tensors["base_model.vera_A"], tensors["base_model.vera_B"] = group.A.float(), group.B.float()
+    modules_to_save = _export_fully_trained(model, modules, values, tensors)
+    config = {
+        "peft_type": "VERA",
+        "r": group.rank,
+        "target_modules": _full_match_regex(modules),
+        "projection_prng_key": group.seed,
+        "save_projection": True,
+        "vera_dropout": first.dropout,
+        "d_initial": first.d_initial,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": modules_to_save or None,
+        "init_weights": True,
+        "inference_mode": True,
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+    _write_files({path / PEFT_WEIGHTS_NAME: _tensors_writer(tensors), path / PEFT_CONFIG_NAME: _json_writer(config)})
+    return path
+
+
+def _import_peft_vera(model: nn.Module, config: dict, raw: dict, weights: Path, verbose: bool) -> nn.Module:
+    """A PEFT VeraConfig adapter as plain-VeRA rules (variant vera, magnitude false); its saved projections must be
+    the ones its projection_prng_key draws here (else an error), and without them the seed's are used."""
+    if config.get("fan_in_fan_out"):
+        raise AdapterError(f"{weights}: fan_in_fan_out (Conv1D) adapters are not supported")
+    lambdas: dict[str, dict[str, torch.Tensor]] = {}
+    others: dict[str, torch.Tensor] = {}
+    projections = {k: raw.pop(k) for k in ("base_model.vera_A", "base_model.vera_B") if k in raw}
+    for key, t in raw.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise AdapterError(f"{weights}: unexpected key {key!r} (expected the {PEFT_PREFIX!r} prefix)")
+        name = key[len(PEFT_PREFIX):]
+        m = re.fullmatch(r"(.+)\.(vera_lambda_[bd])", name)
+        if m:
+            lambdas.setdefault(m.group(1), {})[m.group(2)] = t
+        else:
+            owner, _, leaf = name.rpartition(".")
+            if owner.endswith(".base_layer"):
+                name = f"{owner[: -len('.base_layer')]}.{leaf}"
+            others[name] = t
+    incomplete = [n for n, parts in lambdas.items() if set(parts) != {"vera_lambda_b", "vera_lambda_d"}]
+    if incomplete or not lambdas:
+        raise AdapterError(f"{weights}: modules {incomplete[:5]} lack vera_lambda_b or vera_lambda_d"
+                           if incomplete else f"{weights}: no vera_lambda_b / vera_lambda_d tensors")
+    unknown = sorted(set(others) - {n for n, _ in model.named_parameters()})
+    if unknown:
+        raise AdapterError(f"{weights}: tensors {unknown[:5]} are neither adapter tensors nor parameters of "
+                           f"{type(model).__name__}")
+    rule = DoRARule(match="|".join(re.escape(n) for n in sorted(lambdas)), rank=int(config["r"]), variant="vera",
+                    magnitude=False, d_initial=float(config.get("d_initial", 0.1)),
+                    projection_seed=int(config.get("projection_prng_key", 0)),
+                    dropout=float(config.get("vera_dropout") or 0.0),
+                    save_projection=bool(config.get("save_projection", True)))
+    apply_dora(model, [rule], [re.escape(n) for n in sorted(others)], verbose=verbose)
+    (group,) = vera_projection_groups(model).values()
+    for part, key in (("A", "base_model.vera_A"), ("B", "base_model.vera_B")):
+        if key in projections and not torch.equal(projections[key].to(group.A.dtype), getattr(group, part)):
+            raise AdapterError(f"{weights}: {key} does not match the projection that projection_prng_key "
+                               f"{rule.projection_seed} draws (shape {tuple(projections[key].shape)} vs "
+                               f"{tuple(getattr(group, part).shape)}): the adapter was trained with other projections "
+                               f"or on other target modules")
+    params = dict(model.named_parameters())
+    targets = {f"{n}.{part}": getattr(module, part) for n, module in dora_modules(model).items()
+               for part in ("vera_lambda_b", "vera_lambda_d")}
+    targets.update({n: params[n] for n in others})
+    tensors = {f"{n}.{part}": t for n, parts in lambdas.items() for part, t in parts.items()}
+    tensors.update(others)
+    _copy_into(targets, tensors, source=str(weights))
+    for module in dora_modules(model).values():
+        module.invalidate_norm_cache()
+    return model
+
+
 def _peft_pattern_value(patterns: Mapping[str, float], name: str, default):
     # PEFT's rule (peft.utils.other.get_pattern_key): the first key k with re.match(rf"(.*\.)?({k})$", name).
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", name):
             return value
     return default
+
+
+def _read_peft_weights(path: Path) -> dict:
+    if (path / PEFT_WEIGHTS_NAME).is_file():
+        return load_file(str(path / PEFT_WEIGHTS_NAME))
+    if (path / "adapter_model.bin").is_file():
+        return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise AdapterError(f"{path}: no {PEFT_WEIGHTS_NAME} or adapter_model.bin")
 
 
 def import_peft(model: nn.Module, path: PathLike, *, verbose: bool = False) -> nn.Module:
@@ -354,18 +549,15 @@ def import_peft(model: nn.Module, path: PathLike, *, verbose: bool = False) -> n
         raise AdapterError(f"{config_file} not found")
     with open(config_file) as f:
         config = json.load(f)
+    if config.get("peft_type") == "VERA":
+        return _import_peft_vera(model, config, _read_peft_weights(path), path / PEFT_WEIGHTS_NAME, verbose)
     if config.get("peft_type") != "LORA" or not config.get("use_dora"):
-        raise AdapterError(f"{config_file}: not a DoRA adapter (peft_type={config.get('peft_type')!r}, "
+        raise AdapterError(f"{config_file}: not a DoRA adapter (nor a VeRA one) (peft_type={config.get('peft_type')!r}, "
                            f"use_dora={config.get('use_dora')!r})")
     if config.get("fan_in_fan_out"):
         raise AdapterError(f"{config_file}: fan_in_fan_out (Conv1D) adapters are not supported")
     weights = path / PEFT_WEIGHTS_NAME
-    if weights.is_file():
-        raw = load_file(str(weights))
-    elif (path / "adapter_model.bin").is_file():
-        raw = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise AdapterError(f"{path}: no {PEFT_WEIGHTS_NAME} or adapter_model.bin")
+    raw = _read_peft_weights(path)
 
     # Split PEFT keys into adapter tensors per module and fully trained base-model parameters.
     adapter: dict[str, dict[str, torch.Tensor]] = {}

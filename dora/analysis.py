@@ -72,17 +72,17 @@ def dora_decomposition_delta(module: DoRALinear) -> DecompositionDelta:
     rows = max(1, _CHUNK_ELEMENTS // w.shape[1])
     f64 = torch.float64
     w2, cross = [], []
+    lora_A, lora_B, s = module._low_rank()
     for chunk in w.split(rows):
         chunk = chunk.to(f64)
         w2.append(torch.linalg.vecdot(chunk, chunk))
-        if module.lora_A is not None:
-            cross.append(chunk @ module.lora_A.to(f64).t())  # (rows, r)
+        if lora_A is not None:
+            cross.append(chunk @ lora_A.to(f64).t())  # (rows, r)
     w2 = torch.cat(w2)
-    if module.lora_A is None:
+    if lora_A is None:
         c = q = torch.zeros_like(w2)
     else:
-        s = module.scaling
-        B, A = module.lora_B.to(f64), module.lora_A.to(f64)
+        B, A = lora_B.to(f64), lora_A.to(f64)
         c = s * torch.linalg.vecdot(B, torch.cat(cross))
         q = s * s * torch.linalg.vecdot(B, B @ (A @ A.t()))
     n0 = w2.sqrt()
@@ -92,7 +92,7 @@ def dora_decomposition_delta(module: DoRALinear) -> DecompositionDelta:
     direct = 1 - dot / (n0 * n).clamp_min(tiny)
     stable = (w2 * q - c * c).clamp_min(0) / (n0 * n * (n0 * n + dot)).clamp_min(tiny)
     one_minus_cos = torch.where(dot > 0, stable, direct)
-    magnitude = module.magnitude.to(f64)
+    magnitude = n if module.magnitude is None else module.magnitude.to(f64)  # plain VeRA: W's own row norm
     return DecompositionDelta((magnitude - n0).abs().mean().item(), one_minus_cos.mean().item())
 
 
@@ -108,7 +108,7 @@ def model_decomposition_deltas(model: nn.Module) -> dict[str, DecompositionDelta
 
 STEP_PATTERN = re.compile(r"(?:step|checkpoint|ckpt)[-_]?(\d+)", re.IGNORECASE)
 DEFAULT_MODULES = r".*(q_proj|v_proj|query|value)"  # the paper analyses the query and value projections
-METHOD_ORDER = ("FT", "LoRA", "DoRA")
+METHOD_ORDER = ("FT", "LoRA", "DoRA", "VeRA", "DVoRA")
 
 
 class AnalysisError(ValueError):
@@ -248,6 +248,8 @@ class Checkpoint:
                                     f"{tuple(w0.shape)}")
             return decomposition_delta(w, w0)
         s = self.settings[name]
+        if self.kind == "dora-adapter" and s.get("variant") == "vera":
+            return self._vera_delta(name, s, base, base_key, w0)
         if self.kind == "dora-adapter":
             prefix = f"{name}."
             m = self.tensors.get(prefix + "magnitude")
@@ -267,6 +269,28 @@ class Checkpoint:
             if key not in self.tensors:
                 key += ".weight"
             return _direction_delta(v, self.tensors.get(key), w0)
+        return decomposition_delta(v, w0)
+
+
+    def _vera_delta(self, name: str, s: dict, base, base_key: str, w0: torch.Tensor) -> DecompositionDelta:
+        """A VeRA-variant module: W0 + diag(b) B diag(d) A, with the magnitude (DVoRA) or without (plain VeRA); the
+        projections from the file, else drawn from their recorded seed (the digest checked)."""
+        from .vera import draw_projections, projection_digest
+        prefix = f"{name}."
+        b, d = self.tensors.get(prefix + "vera_lambda_b").double(), self.tensors.get(prefix + "vera_lambda_d").double()
+        _check_shape(self.path, name, b.numel(), None, base, base_key, w0)
+        rec = s["projection_record"]
+        if rec.get("saved"):
+            A, B = self.tensors.get(s["projections"] + ".A"), self.tensors.get(s["projections"] + ".B")
+        else:
+            A, B = draw_projections(rec["rank"], rec["A_shape"][1], rec["B_shape"][0], rec["seed"])
+            if (projection_digest(A), projection_digest(B)) != (rec["sha256_A"], rec["sha256_B"]):
+                raise AnalysisError(f"{self.path}: projections {s['projections']} drawn from seed {rec['seed']} differ "
+                                    f"from the recorded ones")
+        A, B = A[:, : w0.shape[1]].double(), B[: w0.shape[0]].double()
+        v = w0.double() + (b[:, None] * B * d) @ A
+        if s.get("magnitude", True):
+            return _direction_delta(v, self.tensors.get(prefix + "magnitude"), w0)
         return decomposition_delta(v, w0)
 
 
@@ -295,7 +319,10 @@ def open_checkpoint(path: PathLike, method: Optional[str] = None, index: int = 0
         tensors = TensorFile(path / WEIGHTS_NAME)
         meta = config.get("metadata") or {}
         step = meta.get("step", meta.get("steps"))
-        settings = {n: {"scaling": s["scaling"], "magnitude_only": s["magnitude_only"]}
+        records = config.get("projections", {})
+        settings = {n: {"scaling": s["scaling"], "magnitude_only": s["magnitude_only"],
+                        "variant": s.get("variant", "lora"), "magnitude": s.get("magnitude", True),
+                        "projections": s.get("projections"), "projection_record": records.get(s.get("projections"))}
                     for n, s in config["modules"].items()}
         ckpt = Checkpoint(path, "dora-adapter", method or "DoRA", 0, sorted(settings), tensors, settings)
     elif (path / PEFT_CONFIG_NAME).is_file():

@@ -595,7 +595,18 @@ class DoRALinear(nn.Module):
         return _optimizer_steps, torch.is_inference_mode_enabled()
 
     def _adapter_factors(self) -> tuple:
+        """The trained tensors the norm depends on besides W0 (cache sources; the non-detached norm's inputs)."""
         return () if self.lora_A is None else (self.lora_A, self.lora_B)
+
+    def _low_rank(self) -> tuple:
+        """(A, B, s) of the update s*B@A, (None, None, s) for a magnitude-only layer. A variant whose B is a function
+        of trained vectors (dora/vera.py: B = diag(b) B0 diag(d), s = 1) returns it here, differentiable in them, and
+        the norm, forward, merge and analysis take it unchanged."""
+        return self.lora_A, self.lora_B, self.scaling
+
+    def adapter_parameters(self) -> dict:
+        """The adapter's trained tensors by name (what an adapter file holds for this module)."""
+        return {n: getattr(self, n) for n in ("lora_A", "lora_B", "magnitude") if getattr(self, n) is not None}
 
     # What the norm needs of W0, and all it needs: ||W0||^2 per row and W0 A^T. A subclass whose base is reachable
     # only through its own forward (dora/quantized.py) gives these two another way.
@@ -620,31 +631,34 @@ class DoRALinear(nn.Module):
                 w2 = self._w2_cache.put(self._base_sq_norm(), (w,), stamp)
         return w2
 
-    def _row_norm(self, lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor]) -> torch.Tensor:
+    def _row_norm(self, detach: bool = False) -> torch.Tensor:
+        lora_A, lora_B, scaling = self._low_rank()
+        if detach and lora_A is not None:
+            lora_A, lora_B = lora_A.detach(), lora_B.detach()
         cross = None if lora_A is None else self._base_cross(lora_A)
-        return row_norm_from_parts(self._weight_sq_norm(), cross, lora_A, lora_B, self.scaling,
+        return row_norm_from_parts(self._weight_sq_norm(), cross, lora_A, lora_B, scaling,
                                    _accumulation_dtype(self.weight))
 
     def weight_norm(self, differentiable: bool = False) -> torch.Tensor:
         """||W0 + s*B@A||_row in fp32. Cached unless `differentiable` (the non-detached variant)."""
         if differentiable:
             self.norm_computations += 1
-            return self._row_norm(self.lora_A, self.lora_B)
+            return self._row_norm()
         if torch.compiler.is_compiling():
-            return self._row_norm(*[None if t is None else t.detach() for t in (self.lora_A, self.lora_B)])
+            return self._row_norm(detach=True)
         sources = (self.weight, *self._adapter_factors())
         stamp = self._cache_stamp()
         norm = self._norm_cache.get(sources, stamp)
         if norm is None:
             with torch.no_grad():
-                norm = self._row_norm(self.lora_A, self.lora_B)
+                norm = self._row_norm()
             self._norm_cache.put(norm, sources, stamp)
             self.norm_computations += 1
         return norm
 
     def _needs_norm_graph(self) -> bool:
         return (not self.detach_norm and not self.magnitude_only and torch.is_grad_enabled()
-                and (self.lora_A.requires_grad or self.lora_B.requires_grad))
+                and any(p.requires_grad for p in self._adapter_factors()))
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -669,8 +683,9 @@ class DoRALinear(nn.Module):
             raise RuntimeError("DoRALinear keeps its base weight frozen; its `weight` must not require grad")
         weight = self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
-        lora_A = None if self.lora_A is None else self.lora_A.to(dtype)
-        lora_B = None if self.lora_B is None else self.lora_B.to(dtype)
+        lora_A, lora_B, scaling = self._low_rank()
+        lora_A = None if lora_A is None else lora_A.to(dtype)
+        lora_B = None if lora_B is None else lora_B.to(dtype)
         dropping = self.training and self.dropout > 0.0
         keep = 1.0 - self.dropout
         # The keep mask is drawn as F.dropout draws it on CPU (one Bernoulli per element, same random stream);
@@ -680,17 +695,17 @@ class DoRALinear(nn.Module):
         mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(keep) if dropping else None
         exact_dropout = dropping and self.dropout_mode == "exact"
 
-        trainable = (self.magnitude, self.lora_A, self.lora_B, self.bias)
+        trainable = (self.magnitude, *self._adapter_factors(), self.bias)
         if not torch.is_grad_enabled() or not (x.requires_grad or any(p is not None and p.requires_grad
                                                                     for p in trainable)):
             gm1 = self._cached_gm1(dtype)
             if exact_dropout:
-                return _exact_dropout_output(x, mask, keep, weight, bias, lora_A, lora_B, gm1, self.scaling)[0]
+                return _exact_dropout_output(x, mask, keep, weight, bias, lora_A, lora_B, gm1, scaling)[0]
             x_drop = None if mask is None else _dropped(x, mask, keep)
-            return _scaled_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, self.scaling)[0]
+            return _scaled_output(x, x_drop, weight, bias, lora_A, lora_B, gm1, scaling)[0]
         g = self._scale()
         separate = self.inplace_safe or (bias is None and not exact_dropout and self._has_small_scale(g))
-        return _DoRAScaledLinear.apply(x, mask, weight, bias, lora_A, lora_B, g, self.scaling, keep, exact_dropout,
+        return _DoRAScaledLinear.apply(x, mask, weight, bias, lora_A, lora_B, g, scaling, keep, exact_dropout,
                                        separate)
 
     def _scale(self) -> torch.Tensor:
@@ -734,8 +749,9 @@ class DoRALinear(nn.Module):
         g = self.magnitude.to(norm.dtype) / norm
         w = self.weight
         merged = w.to(_accumulation_dtype(w), copy=True)
-        if self.lora_A is not None:
-            merged.addmm_(self.lora_B.to(merged.dtype), self.lora_A.to(merged.dtype), alpha=self.scaling)
+        lora_A, lora_B, scaling = self._low_rank()
+        if lora_A is not None:
+            merged.addmm_(lora_B.to(merged.dtype), lora_A.to(merged.dtype), alpha=scaling)
         merged.mul_(g.to(merged.dtype)[:, None])
         w.copy_(merged)
         self._merge_norm = norm.clone()
@@ -750,8 +766,9 @@ class DoRALinear(nn.Module):
         w = self.weight
         base = w.to(_accumulation_dtype(w), copy=True)
         base.div_(g.to(base.dtype)[:, None])
-        if self.lora_A is not None:
-            base.addmm_(self.lora_B.to(base.dtype), self.lora_A.to(base.dtype), alpha=-self.scaling)
+        lora_A, lora_B, scaling = self._low_rank()
+        if lora_A is not None:
+            base.addmm_(lora_B.to(base.dtype), lora_A.to(base.dtype), alpha=-scaling)
         w.copy_(base)
         self._merge_norm = None
         self.merged = False

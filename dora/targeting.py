@@ -16,6 +16,11 @@ would stack a second adapter there), is an error naming the rule; so is a `train
 matches no parameter, or that matches an adapted module's frozen weight or its adapter parameters (lora_A,
 lora_B, magnitude: the rules train those). New DoRA layers take the training / eval mode of the Linear layers
 they replace.
+
+`variant: vera` gives a rule VeRA's update (dora/vera.py): DVoRA, or plain VeRA with `magnitude: false` (the
+baseline). Its options: `d_initial` (0.1), `projection_seed` (0), `save_projection` (true: adapter files carry the
+projections; false: they are regenerated from the seed on load and checked against a recorded digest). Every VeRA
+layer with the same rank and seed shares one pair of projections, sized to the largest in / out among them.
 """
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ import torch.nn as nn
 
 from .layer import DROPOUT_MODES, DoRALinear, _validated_alpha, _validated_rank
 from .quantized import QuantizedDoRALinear, is_quantized_linear
+from .vera import VeRALinear, VeRAProjections, _validated_d_initial, _validated_seed
+
+VARIANTS = ("lora", "vera")  # the update in the direction: LoRA's s*B@A, or VeRA's diag(b) B diag(d) A
+_VERA_ONLY = ("d_initial", "projection_seed", "save_projection")
 
 
 class TargetingError(ValueError):
@@ -46,6 +55,11 @@ class DoRARule:
     detach_norm: bool = True
     rslora: bool = False
     inplace_safe: bool = False
+    variant: str = "lora"
+    magnitude: bool = True  # false: no magnitude, W' = W0 + delta W (plain VeRA, the baseline; variant vera only)
+    d_initial: float = 0.1
+    projection_seed: int = 0
+    save_projection: bool = True
 
     def __post_init__(self):
         try:
@@ -62,6 +76,27 @@ class DoRARule:
                 raise TargetingError(f"rule {self.match!r}: {e}") from None
         if not 0.0 <= self.dropout < 1.0:
             raise TargetingError(f"rule {self.match!r}: dropout must be in [0, 1)")
+        if self.variant not in VARIANTS:
+            raise TargetingError(f"rule {self.match!r}: variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "vera":
+            if self.magnitude_only:
+                raise TargetingError(f"rule {self.match!r}: variant vera has a direction update; magnitude_only "
+                                     f"rules take no variant")
+            if self.rslora:
+                raise TargetingError(f"rule {self.match!r}: rslora scales LoRA's B A; VeRA has no scale (d is "
+                                     f"trained)")
+            try:
+                _validated_d_initial(self.d_initial)
+                _validated_seed(self.projection_seed)
+            except (TypeError, ValueError) as e:
+                raise TargetingError(f"rule {self.match!r}: {e}") from None
+        else:
+            if not self.magnitude:
+                raise TargetingError(f"rule {self.match!r}: magnitude: false (no decomposition) is for variant "
+                                     f"vera, plain VeRA; plain LoRA is the recipes' method: lora (PEFT)")
+            changed = [k for k in _VERA_ONLY if getattr(self, k) != DoRARule.__dataclass_fields__[k].default]
+            if changed:
+                raise TargetingError(f"rule {self.match!r}: {changed} apply to variant vera only")
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "DoRARule":
@@ -79,7 +114,26 @@ class DoRARule:
         return dataclasses.asdict(self)
 
     def layer_options(self) -> dict:
-        return {k: v for k, v in self.to_dict().items() if k not in ("match", "rank", "alpha")}
+        options = {k: v for k, v in self.to_dict().items() if k not in ("match", "rank", "alpha", "variant")}
+        if self.variant == "vera":
+            for key in ("magnitude_only", "rslora"):
+                options.pop(key)
+        else:
+            for key in ("magnitude",) + _VERA_ONLY:
+                options.pop(key)
+        return options
+
+    @property
+    def kind(self) -> str:
+        if self.variant == "vera":
+            return "dvora" if self.magnitude else "vera"
+        return "magnitude-only" if self.magnitude_only else "dora"
+
+    def adapter_parts(self) -> tuple:
+        """The names of the trained tensors of a module this rule adapts."""
+        if self.variant == "vera":
+            return ("vera_lambda_b", "vera_lambda_d") + (("magnitude",) if self.magnitude else ())
+        return ("magnitude",) if self.magnitude_only else ("lora_A", "lora_B", "magnitude")
 
 
 RuleLike = Union[DoRARule, Mapping]
@@ -88,7 +142,7 @@ RuleLike = Union[DoRARule, Mapping]
 @dataclass
 class RuleReport:
     pattern: str
-    kind: str  # "dora", "magnitude-only" or "train fully"
+    kind: str  # "dora", "magnitude-only", "dvora", "vera" or "train fully"
     matched: list[str] = field(default_factory=list)
     trainable: int = 0
 
@@ -205,7 +259,7 @@ def apply_dora(
                         f"nn.MultiheadAttention, which reads its weight directly and would ignore the adapter")
                 chosen.append((name, module, i))
                 break
-    rows = [RuleReport(r.match, "magnitude-only" if r.magnitude_only else "dora") for r in rules]
+    rows = [RuleReport(r.match, r.kind) for r in rules]
     for name, _, i in chosen:
         rows[i].matched.append(name)
     empty = [f"rule {i} (match={r.match!r})" for i, r in enumerate(rules) if not rows[i].matched]
@@ -214,8 +268,7 @@ def apply_dora(
 
     # The parameter names the model will have; train_fully patterns are checked against them up front.
     chosen_names = {name for name, _, _ in chosen}
-    adapter_names = {f"{n}.{part}" for n, _, i in chosen for part in
-                     (("magnitude",) if rules[i].magnitude_only else ("lora_A", "lora_B", "magnitude"))}
+    adapter_names = {f"{n}.{part}" for n, _, i in chosen for part in rules[i].adapter_parts()}
     future = [n for n, _ in model.named_parameters()] + sorted(adapter_names)
     fully: dict[str, list[str]] = {}
     for pattern in train_fully:
@@ -233,14 +286,21 @@ def apply_dora(
                                  f"{adapter[:3]}; the rules train those already")
         fully[pattern] = names
 
+    projections = _shared_projections(rules, chosen)  # (may refuse a rule: still before any change)
+
     # 2. Freeze everything, then swap in DoRA layers (they take over the Linear's weight and bias, and its
     #    training / eval mode; their adapter parameters are new, so they require grad).
     for p in model.parameters():
         p.requires_grad_(False)
     for name, linear, i in chosen:
         rule = rules[i]
-        kind = QuantizedDoRALinear if is_quantized_linear(linear) else DoRALinear
-        layer = kind.from_linear(linear, rule.rank, rule.alpha, **rule.layer_options())
+        options = rule.layer_options()
+        if rule.variant == "vera":
+            kind = VeRALinear
+            options["projections"] = projections[rule.rank, rule.projection_seed]
+        else:
+            kind = QuantizedDoRALinear if is_quantized_linear(linear) else DoRALinear
+        layer = kind.from_linear(linear, rule.rank, rule.alpha, **options)
         setattr(*_parent(model, name), layer)
     for row in rows:
         row.trainable = sum(_numel(p) for n in row.matched for p in _adapter_parameters(model.get_submodule(n)))
@@ -280,6 +340,25 @@ def _peft_layer_of(modules: Mapping[str, nn.Module], name: str):
     return None
 
 
+def _shared_projections(rules, chosen) -> dict:
+    """One VeRAProjections per (rank, projection_seed) of the VeRA rules, sized to the largest in / out of the
+    modules they adapt, on the device of the first of them."""
+    sizes, devices = {}, {}
+    for _, linear, i in chosen:
+        rule = rules[i]
+        if rule.variant != "vera":
+            continue
+        key = (rule.rank, rule.projection_seed)
+        if is_quantized_linear(linear):
+            raise TargetingError(f"rule {i} (match={rule.match!r}): variant vera on a quantized Linear is not "
+                                 f"supported; use a LoRA-variant rule (QDoRA) there")
+        in_f, out_f = sizes.get(key, (0, 0))
+        sizes[key] = (max(in_f, linear.in_features), max(out_f, linear.out_features))
+        devices.setdefault(key, linear.weight.device)
+    return {key: VeRAProjections(key[0], in_f, out_f, key[1], device=devices[key])
+            for key, (in_f, out_f) in sizes.items()}
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module that holds the submodule `name`, and its attribute name there."""
     parent, _, child = name.rpartition(".")
@@ -287,7 +366,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _adapter_parameters(module: DoRALinear) -> list[nn.Parameter]:
-    return [p for p in (module.lora_A, module.lora_B, module.magnitude) if p is not None]
+    return list(module.adapter_parameters().values())
 
 
 def get_spec(model: nn.Module) -> DoRASpec:

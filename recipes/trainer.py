@@ -715,11 +715,16 @@ class Trainer:
         """The trained DoRA adapter in full fp32 (`full_fp32_state`) as out/adapter and its PEFT export as
         out/adapter_peft. A collective: every rank calls it, the main one writes."""
         from dora import adapter_state_dict, export_peft, save_adapter
+        from dora.adapter import peft_export_problem
         module = self.engine.module
         state = self.full_fp32_state(adapter_state_dict(module))
         if self.is_main:
             save_adapter(module, out / "adapter", metadata=metadata, state_dict=state)
-            export_peft(module, out / "adapter_peft", state_dict=state)
+            problem = peft_export_problem(module)
+            if problem:
+                print(f"{out / 'adapter_peft'} not written: {problem}", flush=True)
+            else:
+                export_peft(module, out / "adapter_peft", state_dict=state)
 
     def full_fp32_state(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """The full fp32 values of parameters, from DeepSpeed's master copies where it keeps them (bf16/fp16

@@ -28,7 +28,9 @@ from recipes.trainer import leave_process_group  # noqa: E402
 GLOBAL_BATCH = 8
 STEPS = 6
 LR = 2e-2
-RULES = [{"match": r"layers\.\d+\.(q_proj|v_proj|up|down)", "rank": 4, "alpha": 8}]
+# the head is DVoRA (dora/vera.py): b, d and m trained around projections every rank draws from the same seed
+RULES = [{"match": r"layers\.\d+\.(q_proj|v_proj|up|down)", "rank": 4, "alpha": 8},
+         {"match": r"head", "rank": 8, "variant": "vera", "projection_seed": 3}]
 TRAIN_FULLY = [r"projector\..*"]
 
 

@@ -105,3 +105,26 @@ def test_paper_config_is_the_official_run():
                           precision="bf16", hidden_size=4096)
     assert ds["gradient_clipping"] == 0 and ds["zero_optimization"]["stage"] == 3  # the official run never clipped
     assert ds["train_batch_size"] == 128 and ds["bf16"]["enabled"]
+
+
+def test_dvora_recipe_is_the_dora_recipe_with_veras_update(assembled):
+    """llava_v1_5_7b_dvora.yaml: the DoRA recipe but for the rule's variant / rank / VeRA options, the rate and the
+    output folder; its rule adapts the same modules, training b, d and m (out + rank + out per module)."""
+    import copy
+    dora_cfg = load_config("recipes/llava/configs/llava_v1_5_7b_dora.yaml")
+    dvora_cfg = load_config("recipes/llava/configs/llava_v1_5_7b_dvora.yaml")
+    rule = dvora_cfg["dora"]["rules"][0]
+    assert rule["match"] == dora_cfg["dora"]["rules"][0]["match"]
+    assert (rule["variant"], rule["rank"], rule["d_initial"]) == ("vera", 1024, 0.1)
+    for cfg in (dora_cfg, dvora_cfg):
+        cfg["dora"]["rules"] = None
+        cfg["train"].pop("lr"), cfg["train"].pop("output_dir")
+    assert dora_cfg == dvora_cfg
+    model = copy.deepcopy(assembled[0])
+    report = apply_dora(model, [rule], load_config("recipes/llava/configs/llava_v1_5_7b_dvora.yaml")["dora"]
+                        ["train_fully"], verbose=False)
+    modules = dora_modules(model)
+    assert len(modules) == 7 * model.config.text_config.num_hidden_layers
+    assert report.rows[0].kind == "dvora"
+    assert report.rows[0].trainable == sum(2 * m.out_features + 1024 for m in modules.values())
+    print(report.table())

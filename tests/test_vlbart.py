@@ -568,3 +568,27 @@ def test_evaluate_reports_vl_t5_s_vqa_number_beside_gt_vision_and_the_settings_t
     assert "VQA accuracy (VL-T5 evaluate_raw)" in printed
     beside = 100 * vlt5["scores"]["gt_vision_accuracy"]  # as the score section asks: EvalAI-processed predictions
     assert f"(GT-Vision vqaEval.py after EvalAI processing: {beside:.2f})" in printed
+
+
+def test_dvora_image_config_is_the_dora_config_with_veras_update():
+    """vlbart_image_dvora.yaml: the DoRA image config but for the rule's variant / rank / VeRA options, the rate and
+    the output folder; on a small BART its rule adapts the same 36-module pattern with b, d and m."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from recipes.config import load_config
+    from recipes.vlbart.train import adapt
+    dora_cfg = load_config(ROOT / "recipes/vlbart/configs/vlbart_image_dora.yaml")
+    dvora_cfg = load_config(ROOT / "recipes/vlbart/configs/vlbart_image_dvora.yaml")
+    rule = dvora_cfg["dora"]["rules"][0]
+    assert rule["match"] == dora_cfg["dora"]["rules"][0]["match"] and (rule["variant"], rule["rank"]) == ("vera", 768)
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=32, decoder_ffn_dim=32))
+    model = VLSeq2Seq(bart, VisualConfig(feat_dim=8))
+    table = adapt(model, dvora_cfg)
+    print(table)
+    assert "dvora" in table and " 6 " in table  # q, v of encoder self, decoder self and cross attention: 1 layer each
+    for cfg in (dora_cfg, dvora_cfg):
+        cfg["dora"]["rules"] = None
+        cfg["train"].pop("lr"), cfg["train"].pop("output_dir")
+    assert dora_cfg == dvora_cfg

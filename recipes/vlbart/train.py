@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:  # run as a script by the deepspeed launcher
 from data.vlbart import MultitaskDataset, TaskDataError, VLCollator  # noqa: E402
 from data.sampling import RoundRobinBatches  # noqa: E402
 from dora import adapter_state_dict, apply_dora, export_peft, save_adapter  # noqa: E402
+from dora.adapter import peft_export_problem  # noqa: E402
 from recipes.config import ConfigError, load_config, save_config, section  # noqa: E402
 from recipes.preflight import check_folder, check_model, check_output  # noqa: E402
 from recipes.trainer import TooManySkipsError, TrainConfig, Trainer, write_summary  # noqa: E402
@@ -219,7 +220,11 @@ def main(argv=None) -> int:
         meta = {"recipe": "vlbart", "method": method, "steps": result.global_step}
         if method == "dora":
             save_adapter(module, out / "adapter", metadata=meta, state_dict=state)
-            export_peft(module, out / "adapter_peft", state_dict=state)
+            problem = peft_export_problem(module)
+            if problem:
+                print(f"{out / 'adapter_peft'} not written: {problem}", flush=True)
+            else:
+                export_peft(module, out / "adapter_peft", state_dict=state)
         else:
             from safetensors.torch import save_file
             out.mkdir(parents=True, exist_ok=True)
