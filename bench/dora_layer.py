@@ -15,6 +15,12 @@ what the layer does by default: on CPU in fp32 / fp64 at this dropout its second
 dropped entries, see dora.layer.SPARSE_DROPOUT); where it is, an "exact (dense)" row, timed in the same rounds,
 shows the form with two dense base GEMMs. In the dropout rows PEFT LoRA and PEFT DoRA use the same dropout (PEFT
 DoRA has the exact form only); eval-mode forwards have no dropout, so those rows leave the eval columns empty.
+
+VeRA rows (issue 25; `--vera-rank`, 0 for none): the same stack with VeRA's update (shared frozen projections, b and
+d trained per layer) as PEFT VeRA (the baseline of these rows), this library's plain VeRA (`variant: vera`,
+`magnitude: false`) and DVoRA (the same with DoRA's magnitude and row norm), train steps interleaved in one process
+and peak memory each in a fresh process; ratios are to PEFT VeRA. PEFT has no DVoRA: its cost over PEFT VeRA is
+the price of the decomposition.
 """
 from __future__ import annotations
 
@@ -70,6 +76,26 @@ def build(method: str, d_in: int, d_out: int, rank: int, device, dtype, dropout:
     if method == "ours_merged":
         merge_dora(model)
     return model
+
+
+VERA_METHODS = ("peft_vera", "ours_vera", "ours_dvora")
+
+
+def build_vera(method: str, d_in: int, d_out: int, rank: int, device, dtype) -> nn.Module:
+    model = stack(d_in, d_out, device, dtype)
+    if method == "peft_vera":
+        from peft import VeraConfig, get_peft_model
+        model = get_peft_model(model, VeraConfig(r=rank, target_modules=[str(i) for i in range(LAYERS)],
+                                                 projection_prng_key=0, d_initial=0.1))
+        trained = [p for n, p in model.named_parameters() if "vera_lambda_b" in n]
+    else:
+        apply_dora(model, [{"match": r"\d+", "rank": rank, "variant": "vera", "magnitude": method == "ours_dvora",
+                            "d_initial": 0.1, "projection_seed": 0}], verbose=False)
+        trained = [m.vera_lambda_b for m in model]
+    with torch.no_grad():  # non-zero b, as after some training
+        for b in trained:
+            b.normal_(0, 1e-3)
+    return model.to(device)
 
 
 def make_step(model: nn.Module, x: torch.Tensor):
@@ -159,7 +185,10 @@ def peak_memory_child(method, d_in, d_out, rank, tokens, device_name, dtype_name
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     if mode == EXACT_DENSE:
         dora_layer.SPARSE_DROPOUT, mode = "never", "exact"
-    model = build(method, d_in, d_out, rank, device, dtype, dropout, mode)
+    if method in VERA_METHODS:
+        model = build_vera(method, d_in, d_out, rank, device, dtype)
+    else:
+        model = build(method, d_in, d_out, rank, device, dtype, dropout, mode)
     x = torch.randn(tokens, d_in, device=device, dtype=dtype)
     return step_peak_mb(make_step(model, x), device)
 
@@ -251,6 +280,32 @@ def run_dropout_config(d_in, d_out, rank, tokens, dropout, device, dtype, warmup
     return rows
 
 
+def run_vera_config(d_in, d_out, rank, tokens, device, dtype, warmup, reps, budget_s, measure_memory=True) -> dict:
+    """Train steps of PEFT VeRA, our plain VeRA and our DVoRA, interleaved in one process (no dropout)."""
+    x = torch.randn(tokens, d_in, device=device, dtype=dtype)
+    steps = {m: make_step(build_vera(m, d_in, d_out, rank, device, dtype), x) for m in VERA_METHODS}
+    times = time_interleaved(steps, device, warmup, reps, budget_s)
+    del steps
+    mem = {m: peak_memory(m, d_in, d_out, rank, tokens, device, dtype) for m in VERA_METHODS} if measure_memory \
+        else {}
+    return {"shape": f"{d_in}x{d_out}", "rank": rank, "tokens": tokens, "train_s": medians(times),
+            "train_ratio": {m: paired_ratio(times, m, "peft_vera") for m in VERA_METHODS[1:]}, "peak_mb": mem}
+
+
+def print_vera_table(rows) -> None:
+    print("\nVeRA update (shared projections; b, d trained): train step and peak memory as ratios to PEFT VeRA")
+    head = (f"{'shape':>10} {'rank':>5} {'tokens':>6} | {'VeRA s':>7} {'ours VeRA':>9} {'ours DVoRA':>10} | "
+            f"{'mem VeRA':>8} {'ours VeRA':>9} {'ours DVoRA':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        t, m = r["train_ratio"], r["peak_mb"]
+        mem = (f"{m['peft_vera']:>8.0f} {m['ours_vera'] / m['peft_vera']:>9.2f} "
+               f"{m['ours_dvora'] / m['peft_vera']:>10.2f}" if m else f"{'-':>8} {'-':>9} {'-':>10}")
+        print(f"{r['shape']:>10} {r['rank']:>5} {r['tokens']:>6} | {r['train_s']['peft_vera']:>7.3f} "
+              f"{t['ours_vera']:>9.2f} {t['ours_dvora']:>10.2f} | {mem}")
+
+
 def print_table(rows, device, dtype) -> None:
     print(f"\nDoRA layer benchmark: {LAYERS} stacked layers, {device.type} {str(dtype).replace('torch.', '')}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -280,6 +335,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--dropout", type=float, default=0.05, help="the dropout rows' probability (0: no such rows)")
+    parser.add_argument("--vera-rank", type=int, default=256,
+                        help="rank of the VeRA / DVoRA rows (PEFT VeRA's default; 0: no such rows)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--config", action="append", metavar="IN,OUT,RANK,TOKENS",
                         help="measure only this configuration (repeatable), e.g. 2048,2048,16,512")
@@ -307,9 +364,19 @@ def main():
         if args.dropout:
             rows += run_dropout_config(d_in, d_out, rank, tokens, args.dropout, device, dtype, args.warmup,
                                        args.reps, args.budget, measure_memory=not args.no_memory)
+    # VeRA rows: each shape once, at the shorter sequence (the update's cost is per token like LoRA's)
+    vera = []
+    for d_in, d_out, tokens in dict.fromkeys((c[0], c[1], c[3]) for c in configs if c[3] == min(x[3] for x in configs)):
+        if args.vera_rank:
+            print(f"measuring VeRA {d_in}x{d_out} rank {args.vera_rank} tokens {tokens} ...", file=sys.stderr,
+                  flush=True)
+            vera.append(run_vera_config(d_in, d_out, args.vera_rank, tokens, device, dtype, args.warmup, args.reps,
+                                        args.budget, measure_memory=not args.no_memory))
     print_table(rows, device, dtype)
+    if vera:
+        print_vera_table(vera)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(rows + [dict(r, kind="vera") for r in vera], indent=2))
 
 
 if __name__ == "__main__":
