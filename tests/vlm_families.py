@@ -97,15 +97,17 @@ GEMMA3 = ("{{ bos_token }}"
           "{% endif %}{% endfor %}{% endif %}"
           "{{ '<end_of_turn>\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
-# Llama-3.2-11B-Vision-Instruct: the BOS written by the template, and a dated system turn only in conversations
-# without images (today's date unless `date_string` is given)
+# Llama-3.2-11B-Vision-Instruct: the BOS written by the template, and a dated system turn in conversations without
+# images or with a system message (today's date unless `date_string` is given); the system message's content as
+# the template writes it (`| trim`: a string, or a list's Python repr); the earlier revision raises on a system
+# message with images instead
 MLLAMA = ("{{ bos_token }}"
           "{% set ns = namespace(images=false) %}"
           "{% for m in messages if m.content is not string %}{% for c in m.content if c.type == 'image' %}"
           "{% set ns.images = true %}{% endfor %}{% endfor %}"
           "{% if messages[0].role == 'system' %}{% set system, turns = messages[0].content | trim, messages[1:] %}"
           "{% else %}{% set system, turns = '', messages %}{% endif %}"
-          "{% if not ns.images %}"
+          "{% if messages[0].role == 'system' or not ns.images %}"
           "{% if date_string is not defined %}"
           "{% set date_string = strftime_now('%d %b %Y') if strftime_now is defined else '26 Jul 2024' %}"
           "{% endif %}"

@@ -231,3 +231,302 @@ RENDERED = {
         ),
     },
 }
+
+# The conversations with a system turn first (tests/test_vlm_chat.py SYSTEM_CONVERSATIONS), each real template given
+# the system message in the form the recipe gives it (data/vlm_chat.py system_as_the_template_takes_it: a list of
+# content items; a string for Llama 3.2 Vision, whose template writes a list's repr); Llama 3.2 Vision's later
+# revision (the earlier one raises "Prompting with images is incompatible with system messages." on the first).
+RENDERED_WITH_SYSTEM = {
+    'llava': {
+        ('system', False): (
+            'You are a careful assistant. USER: <image>\n'
+            'What colour is the square? ASSISTANT: It is red. USER: And the circle? ASSISTANT: It is blue. '
+        ),
+        ('system', True): (
+            'You are a careful assistant. USER: <image>\n'
+            'What colour is the square? ASSISTANT:'
+        ),
+        ('system text-only', False): (
+            'You are a careful assistant. USER: What colour is the square? ASSISTANT: It is red. '
+        ),
+        ('system text-only', True): 'You are a careful assistant. USER: What colour is the square? ASSISTANT:',
+    },
+    'llava_next': {
+        ('system', False): (
+            'You are a careful assistant. USER: <image>\n'
+            'What colour is the square? ASSISTANT: It is red. USER: And the circle? ASSISTANT: It is blue. '
+        ),
+        ('system', True): (
+            'You are a careful assistant. USER: <image>\n'
+            'What colour is the square? ASSISTANT:'
+        ),
+        ('system text-only', False): (
+            'You are a careful assistant. USER: What colour is the square? ASSISTANT: It is red. '
+        ),
+        ('system text-only', True): 'You are a careful assistant. USER: What colour is the square? ASSISTANT:',
+    },
+    'llava_next_mistral': {
+        ('system', False): (
+            '<<SYS>>\n'
+            'You are a careful assistant.\n'
+            '<</SYS>>\n'
+            '\n'
+            '[INST] <image>\n'
+            'What colour is the square? [/INST] It is red.</s> [INST] And the circle? [/INST] It is blue.</s> '
+        ),
+        ('system', True): (
+            '<<SYS>>\n'
+            'You are a careful assistant.\n'
+            '<</SYS>>\n'
+            '\n'
+            '[INST] <image>\n'
+            'What colour is the square? [/INST]'
+        ),
+        ('system text-only', False): (
+            '<<SYS>>\n'
+            'You are a careful assistant.\n'
+            '<</SYS>>\n'
+            '\n'
+            '[INST] What colour is the square? [/INST] It is red.</s> '
+        ),
+        ('system text-only', True): (
+            '<<SYS>>\n'
+            'You are a careful assistant.\n'
+            '<</SYS>>\n'
+            '\n'
+            '[INST] What colour is the square? [/INST]'
+        ),
+    },
+    'llava_next_mistral_bs': {
+        ('system', False): (
+            '<<SYS>>\n'
+            'You are a careful assistant.\n'
+            '<</SYS>>\n'
+            '\n'
+            '[INST] <image>\n'
+            'What colour is the square? [/INST] It is red.<\\s> [INST] And the circle? [/INST] It is blue.<\\s> '
+        ),
+        ('system', True): (
+            '<<SYS>>\n'
+            'You are a careful assistant.\n'
+            '<</SYS>>\n'
+            '\n'
+            '[INST] <image>\n'
+            'What colour is the square? [/INST]'
+        ),
+        ('system text-only', False): (
+            '<<SYS>>\n'
+            'You are a careful assistant.\n'
+            '<</SYS>>\n'
+            '\n'
+            '[INST] What colour is the square? [/INST] It is red.<\\s> '
+        ),
+        ('system text-only', True): (
+            '<<SYS>>\n'
+            'You are a careful assistant.\n'
+            '<</SYS>>\n'
+            '\n'
+            '[INST] What colour is the square? [/INST]'
+        ),
+    },
+    'llava_onevision': {
+        ('system', False): (
+            '<|im_start|>system \n'
+            'You are a careful assistant.<|im_end|><|im_start|>user <image>\n'
+            'What colour is the square?<|im_end|><|im_start|>assistant \n'
+            'It is red.<|im_end|><|im_start|>user \n'
+            'And the circle?<|im_end|><|im_start|>assistant \n'
+            'It is blue.<|im_end|>'
+        ),
+        ('system', True): (
+            '<|im_start|>system \n'
+            'You are a careful assistant.<|im_end|><|im_start|>user <image>\n'
+            'What colour is the square?<|im_end|><|im_start|>assistant\n'
+        ),
+        ('system text-only', False): (
+            '<|im_start|>system \n'
+            'You are a careful assistant.<|im_end|><|im_start|>user \n'
+            'What colour is the square?<|im_end|><|im_start|>assistant \n'
+            'It is red.<|im_end|>'
+        ),
+        ('system text-only', True): (
+            '<|im_start|>system \n'
+            'You are a careful assistant.<|im_end|><|im_start|>user \n'
+            'What colour is the square?<|im_end|><|im_start|>assistant\n'
+        ),
+    },
+    'qwen2_vl': {
+        ('system', False): (
+            '<|im_start|>system\n'
+            'You are a careful assistant.<|im_end|>\n'
+            '<|im_start|>user\n'
+            '<|vision_start|><|image_pad|><|vision_end|>What colour is the square?<|im_end|>\n'
+            '<|im_start|>assistant\n'
+            'It is red.<|im_end|>\n'
+            '<|im_start|>user\n'
+            'And the circle?<|im_end|>\n'
+            '<|im_start|>assistant\n'
+            'It is blue.<|im_end|>\n'
+        ),
+        ('system', True): (
+            '<|im_start|>system\n'
+            'You are a careful assistant.<|im_end|>\n'
+            '<|im_start|>user\n'
+            '<|vision_start|><|image_pad|><|vision_end|>What colour is the square?<|im_end|>\n'
+            '<|im_start|>assistant\n'
+        ),
+        ('system text-only', False): (
+            '<|im_start|>system\n'
+            'You are a careful assistant.<|im_end|>\n'
+            '<|im_start|>user\n'
+            'What colour is the square?<|im_end|>\n'
+            '<|im_start|>assistant\n'
+            'It is red.<|im_end|>\n'
+        ),
+        ('system text-only', True): (
+            '<|im_start|>system\n'
+            'You are a careful assistant.<|im_end|>\n'
+            '<|im_start|>user\n'
+            'What colour is the square?<|im_end|>\n'
+            '<|im_start|>assistant\n'
+        ),
+    },
+    'idefics3': {
+        ('system', False): (
+            '<|begin_of_text|>System: You are a careful assistant.<end_of_utterance>\n'
+            'User:<image>What colour is the square?<end_of_utterance>\n'
+            'Assistant: It is red.<end_of_utterance>\n'
+            'User: And the circle?<end_of_utterance>\n'
+            'Assistant: It is blue.<end_of_utterance>\n'
+        ),
+        ('system', True): (
+            '<|begin_of_text|>System: You are a careful assistant.<end_of_utterance>\n'
+            'User:<image>What colour is the square?<end_of_utterance>\n'
+            'Assistant:'
+        ),
+        ('system text-only', False): (
+            '<|begin_of_text|>System: You are a careful assistant.<end_of_utterance>\n'
+            'User: What colour is the square?<end_of_utterance>\n'
+            'Assistant: It is red.<end_of_utterance>\n'
+        ),
+        ('system text-only', True): (
+            '<|begin_of_text|>System: You are a careful assistant.<end_of_utterance>\n'
+            'User: What colour is the square?<end_of_utterance>\n'
+            'Assistant:'
+        ),
+    },
+    'smolvlm': {
+        ('system', False): (
+            '<|im_start|>System: You are a careful assistant.<end_of_utterance>\n'
+            'User:<image>What colour is the square?<end_of_utterance>\n'
+            'Assistant: It is red.<end_of_utterance>\n'
+            'User: And the circle?<end_of_utterance>\n'
+            'Assistant: It is blue.<end_of_utterance>\n'
+        ),
+        ('system', True): (
+            '<|im_start|>System: You are a careful assistant.<end_of_utterance>\n'
+            'User:<image>What colour is the square?<end_of_utterance>\n'
+            'Assistant:'
+        ),
+        ('system text-only', False): (
+            '<|im_start|>System: You are a careful assistant.<end_of_utterance>\n'
+            'User: What colour is the square?<end_of_utterance>\n'
+            'Assistant: It is red.<end_of_utterance>\n'
+        ),
+        ('system text-only', True): (
+            '<|im_start|>System: You are a careful assistant.<end_of_utterance>\n'
+            'User: What colour is the square?<end_of_utterance>\n'
+            'Assistant:'
+        ),
+    },
+    'gemma3': {
+        ('system', False): (
+            '<bos><start_of_turn>user\n'
+            'You are a careful assistant.\n'
+            '\n'
+            '<start_of_image>What colour is the square?<end_of_turn>\n'
+            '<start_of_turn>model\n'
+            'It is red.<end_of_turn>\n'
+            '<start_of_turn>user\n'
+            'And the circle?<end_of_turn>\n'
+            '<start_of_turn>model\n'
+            'It is blue.<end_of_turn>\n'
+        ),
+        ('system', True): (
+            '<bos><start_of_turn>user\n'
+            'You are a careful assistant.\n'
+            '\n'
+            '<start_of_image>What colour is the square?<end_of_turn>\n'
+            '<start_of_turn>model\n'
+        ),
+        ('system text-only', False): (
+            '<bos><start_of_turn>user\n'
+            'You are a careful assistant.\n'
+            '\n'
+            'What colour is the square?<end_of_turn>\n'
+            '<start_of_turn>model\n'
+            'It is red.<end_of_turn>\n'
+        ),
+        ('system text-only', True): (
+            '<bos><start_of_turn>user\n'
+            'You are a careful assistant.\n'
+            '\n'
+            'What colour is the square?<end_of_turn>\n'
+            '<start_of_turn>model\n'
+        ),
+    },
+    'mllama': {
+        ('system', False): (
+            '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n'
+            '\n'
+            'Cutting Knowledge Date: December 2023\n'
+            'Today Date: 26 Jul 2024\n'
+            '\n'
+            'You are a careful assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>\n'
+            '\n'
+            '<|image|>What colour is the square?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n'
+            '\n'
+            'It is red.<|eot_id|><|start_header_id|>user<|end_header_id|>\n'
+            '\n'
+            'And the circle?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n'
+            '\n'
+            'It is blue.<|eot_id|>'
+        ),
+        ('system', True): (
+            '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n'
+            '\n'
+            'Cutting Knowledge Date: December 2023\n'
+            'Today Date: 26 Jul 2024\n'
+            '\n'
+            'You are a careful assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>\n'
+            '\n'
+            '<|image|>What colour is the square?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n'
+            '\n'
+        ),
+        ('system text-only', False): (
+            '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n'
+            '\n'
+            'Cutting Knowledge Date: December 2023\n'
+            'Today Date: 26 Jul 2024\n'
+            '\n'
+            'You are a careful assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>\n'
+            '\n'
+            'What colour is the square?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n'
+            '\n'
+            'It is red.<|eot_id|>'
+        ),
+        ('system text-only', True): (
+            '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n'
+            '\n'
+            'Cutting Knowledge Date: December 2023\n'
+            'Today Date: 26 Jul 2024\n'
+            '\n'
+            'You are a careful assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>\n'
+            '\n'
+            'What colour is the square?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n'
+            '\n'
+        ),
+    },
+}
+for _family, _renderings in RENDERED_WITH_SYSTEM.items():
+    RENDERED[_family].update(_renderings)
