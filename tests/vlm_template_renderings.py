@@ -530,3 +530,129 @@ RENDERED_WITH_SYSTEM = {
 }
 for _family, _renderings in RENDERED_WITH_SYSTEM.items():
     RENDERED[_family].update(_renderings)
+
+# Mistral-Small-3.1-24B-Instruct-2503's template (transformers tests/models/mistral3/test_processing_mistral3.py)
+# on every conversation above, rendered on MISTRAL3_DATE: its default system prompt holds the day's date
+# (strftime_now, not date_string), which tests/test_vlm_chat.py puts in place of today's
+MISTRAL3_DATE = '2026-12-05'
+RENDERED['mistral3'] = {
+    ('multi-turn', False): (
+        '<s>[SYSTEM_PROMPT]You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a Fr'
+        'ench startup headquartered in Paris.\n'
+        'Your knowledge base was last updated on 2023-10-01. The current date is 2026-12-05.\n'
+        '\n'
+        "When you're not sure about some information, you say that you don't have the information and don't "
+        'make up anything.\n'
+        "If the user's question is not clear, ambiguous, or does not provide enough context for you to accur"
+        'ately answer the question, you do not try to answer it right away and you rather ask the user to cl'
+        'arify their request (e.g. "What are some good restaurants around me?" => "Where are you?" or "When '
+        'is the next flight to Tokyo" => "Where do you travel from?")[/SYSTEM_PROMPT][INST][IMG]What colour '
+        'is the square?[/INST]It is red.</s>[INST]And the circle?[/INST]It is blue.</s>'
+    ),
+    ('multi-turn', True): (
+        '<s>[SYSTEM_PROMPT]You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a Fr'
+        'ench startup headquartered in Paris.\n'
+        'Your knowledge base was last updated on 2023-10-01. The current date is 2026-12-05.\n'
+        '\n'
+        "When you're not sure about some information, you say that you don't have the information and don't "
+        'make up anything.\n'
+        "If the user's question is not clear, ambiguous, or does not provide enough context for you to accur"
+        'ately answer the question, you do not try to answer it right away and you rather ask the user to cl'
+        'arify their request (e.g. "What are some good restaurants around me?" => "Where are you?" or "When '
+        'is the next flight to Tokyo" => "Where do you travel from?")[/SYSTEM_PROMPT][INST][IMG]What colour '
+        'is the square?[/INST]'
+    ),
+    ('multi-image', False): (
+        '<s>[SYSTEM_PROMPT]You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a Fr'
+        'ench startup headquartered in Paris.\n'
+        'Your knowledge base was last updated on 2023-10-01. The current date is 2026-12-05.\n'
+        '\n'
+        "When you're not sure about some information, you say that you don't have the information and don't "
+        'make up anything.\n'
+        "If the user's question is not clear, ambiguous, or does not provide enough context for you to accur"
+        'ately answer the question, you do not try to answer it right away and you rather ask the user to cl'
+        'arify their request (e.g. "What are some good restaurants around me?" => "Where are you?" or "When '
+        'is the next flight to Tokyo" => "Where do you travel from?")[/SYSTEM_PROMPT][INST][IMG][IMG]Which o'
+        'ne is red?[/INST]The first.</s>[INST]And the other?[/INST]It is green.</s>'
+    ),
+    ('multi-image', True): (
+        '<s>[SYSTEM_PROMPT]You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a Fr'
+        'ench startup headquartered in Paris.\n'
+        'Your knowledge base was last updated on 2023-10-01. The current date is 2026-12-05.\n'
+        '\n'
+        "When you're not sure about some information, you say that you don't have the information and don't "
+        'make up anything.\n'
+        "If the user's question is not clear, ambiguous, or does not provide enough context for you to accur"
+        'ately answer the question, you do not try to answer it right away and you rather ask the user to cl'
+        'arify their request (e.g. "What are some good restaurants around me?" => "Where are you?" or "When '
+        'is the next flight to Tokyo" => "Where do you travel from?")[/SYSTEM_PROMPT][INST][IMG][IMG]Which o'
+        'ne is red?[/INST]'
+    ),
+    ('text-only', False): (
+        '<s>[SYSTEM_PROMPT]You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a Fr'
+        'ench startup headquartered in Paris.\n'
+        'Your knowledge base was last updated on 2023-10-01. The current date is 2026-12-05.\n'
+        '\n'
+        "When you're not sure about some information, you say that you don't have the information and don't "
+        'make up anything.\n'
+        "If the user's question is not clear, ambiguous, or does not provide enough context for you to accur"
+        'ately answer the question, you do not try to answer it right away and you rather ask the user to cl'
+        'arify their request (e.g. "What are some good restaurants around me?" => "Where are you?" or "When '
+        'is the next flight to Tokyo" => "Where do you travel from?")[/SYSTEM_PROMPT][INST]What colour is th'
+        'e square?[/INST]It is red.</s>[INST]And the circle?[/INST]It is blue.</s>'
+    ),
+    ('text-only', True): (
+        '<s>[SYSTEM_PROMPT]You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a Fr'
+        'ench startup headquartered in Paris.\n'
+        'Your knowledge base was last updated on 2023-10-01. The current date is 2026-12-05.\n'
+        '\n'
+        "When you're not sure about some information, you say that you don't have the information and don't "
+        'make up anything.\n'
+        "If the user's question is not clear, ambiguous, or does not provide enough context for you to accur"
+        'ately answer the question, you do not try to answer it right away and you rather ask the user to cl'
+        'arify their request (e.g. "What are some good restaurants around me?" => "Where are you?" or "When '
+        'is the next flight to Tokyo" => "Where do you travel from?")[/SYSTEM_PROMPT][INST]What colour is th'
+        'e square?[/INST]'
+    ),
+    ('system', False): (
+        '<s>[SYSTEM_PROMPT]You are a careful assistant.[/SYSTEM_PROMPT][INST][IMG]What colour is the square?'
+        '[/INST]It is red.</s>[INST]And the circle?[/INST]It is blue.</s>'
+    ),
+    ('system', True): (
+        '<s>[SYSTEM_PROMPT]You are a careful assistant.[/SYSTEM_PROMPT][INST][IMG]What colour is the square?'
+        '[/INST]'
+    ),
+    ('system text-only', False): (
+        '<s>[SYSTEM_PROMPT]You are a careful assistant.[/SYSTEM_PROMPT][INST]What colour is the square?[/INS'
+        'T]It is red.</s>'
+    ),
+    ('system text-only', True): (
+        '<s>[SYSTEM_PROMPT]You are a careful assistant.[/SYSTEM_PROMPT][INST]What colour is the square?[/INS'
+        'T]'
+    ),
+}
+
+# pixtral-12b's template as transformers' convert_pixtral_weights_to_hf.py writes it: a system message goes into the
+# last user turn only, so a conversation that ends with an answer renders without it, and a prompt after a system
+# message given as content items raises ("[INST]" + a list): no prompt renderings with a system turn
+RENDERED['pixtral'] = {
+    ('multi-turn', False): (
+        '<s>[INST][IMG]What colour is the square?[/INST]It is red.</s>[INST]And the circle?[/INST]It is blue'
+        '.</s>'
+    ),
+    ('multi-turn', True): '<s>[INST][IMG]What colour is the square?[/INST]',
+    ('multi-image', False): (
+        '<s>[INST][IMG][IMG]Which one is red?[/INST]The first.</s>[INST]And the other?[/INST]It is green.</s'
+        '>'
+    ),
+    ('multi-image', True): '<s>[INST][IMG][IMG]Which one is red?[/INST]',
+    ('text-only', False): (
+        '<s>[INST]What colour is the square?[/INST]It is red.</s>[INST]And the circle?[/INST]It is blue.</s>'
+    ),
+    ('text-only', True): '<s>[INST]What colour is the square?[/INST]',
+    ('system', False): (
+        '<s>[INST][IMG]What colour is the square?[/INST]It is red.</s>[INST]And the circle?[/INST]It is blue'
+        '.</s>'
+    ),
+    ('system text-only', False): '<s>[INST]What colour is the square?[/INST]It is red.</s>',
+}
