@@ -2,8 +2,8 @@
 the inspector's proposal trains under 2 DeepSpeed processes with ZeRO-3 and gives the 1-process losses, with
 text-only samples among the image ones; merged model and base + adapter give the same logits and the same
 `eval generate --template processor` answers; the PEFT export loads in PEFT with equal logits.
-The other families with a real-shaped template (llava-1.5-hf, both llava-v1.6-mistral-hf revisions, SmolVLM) train
-once each, in one process (tests/vlm_train_runs.py), and are merged and answer the same way."""
+The other families with a real-shaped template (llava-1.5-hf, both llava-v1.6-mistral-hf revisions, SmolVLM, Mistral 3,
+Pixtral) train once each, all in one process (tests/vlm_train_runs.py), and are merged and answer the same way."""
 import json
 import os
 import socket
@@ -173,10 +173,10 @@ def trained_once(chat_data, tmp_path_factory):
 
 @pytest.mark.parametrize("family", TRAINED_ONCE)
 def test_every_other_family_trains_merges_and_answers_as_base_plus_adapter(family, trained_once, chat_data, tmp_path):
-    """Issue 21 item 7 for llava-1.5-hf, both llava-v1.6-mistral-hf revisions and SmolVLM: the inspector's section
-    trains (ZeRO-3, 1 process, text-only samples among the image ones, nothing skipped, the loss goes down, the
-    template's start-up note said once), and the merged model gives base + adapter's logits and the same
-    `eval generate --template processor` answers."""
+    """Issue 21 item 7 for llava-1.5-hf, both llava-v1.6-mistral-hf revisions, SmolVLM, Mistral 3 and Pixtral: the
+    inspector's section trains (ZeRO-3, 1 process, text-only samples among the image ones, nothing skipped, the loss
+    goes down, the template's start-up note said once), and the merged model gives base + adapter's logits and the
+    same `eval generate --template processor` answers."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from dora import load_adapter
