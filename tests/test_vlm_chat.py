@@ -195,7 +195,7 @@ def test_a_system_turn_is_written_as_the_real_template_writes_it_and_never_learn
         label != IGNORE_INDEX for label in sample["labels"])
 
 
-def test_a_system_turn_the_template_cannot_take_is_a_counted_skip_with_its_reason(families, paligemma):
+def test_a_system_turn_the_template_cannot_take_is_a_counted_skip_with_its_reason(families, paligemma, caplog):
     root, processors = families
     conversation = RECORDS[0]["conversations"]
     system = {"from": "system", "value": "Be brief."}
@@ -216,6 +216,21 @@ def test_a_system_turn_the_template_cannot_take_is_a_counted_skip_with_its_reaso
     sample = dataset(root, processors["pixtral"], [{"id": "pixtral", "conversations": [
         system, *RECORDS[1]["conversations"]]}, RECORDS[1]])
     assert sample[0]["skip"] == "system turn not written" and "skip" not in sample[1]
+    # Llama 3.2 Vision's earlier revision refuses a system message with images: a skip that carries its message
+    processor = processors["mllama"]
+    original = processor.chat_template
+    processor.chat_template = ("{% if messages[0].role == 'system' %}{% for m in messages if m.content is not string %}"
+                               "{% for c in m.content if c.type == 'image' %}{{ raise_exception('Prompting with "
+                               "images is incompatible with system messages.') }}{% endfor %}{% endfor %}{% endif %}"
+                               + original)
+    try:
+        refused = dataset(root, processor, [{"id": "refused", "image": "a.png", "conversations": [
+            system, *conversation[:2]]}])
+        with caplog.at_level("WARNING"):
+            assert refused[0]["skip"] == "template error"
+        assert "Prompting with images is incompatible with system messages." in caplog.text
+    finally:
+        processor.chat_template = original
     root, processor = paligemma  # a prompt and its answer: no system text
     one = {"id": "one", "image": "a.png", "conversations": [system, {"from": "human", "value": "Colour?"},
                                                             {"from": "gpt", "value": "Red."}]}
