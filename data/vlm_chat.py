@@ -8,6 +8,13 @@ messages with an {"type": "image"} item where `<image>` was, rendered by the pro
 processor then expands the image placeholder and returns every extra input its model needs (image_grid_thw,
 image_sizes, pixel_attention_mask, token_type_ids, ...), which go to the model untouched.
 
+A system turn ({"from": "system"} first, the messages format's {"role": "system"}) goes to the template as the first
+message (`leading_system_turn`), its content as the template writes it (`system_as_the_template_takes_it`: content
+items, or a string for Llama 3.2 Vision's `| trim`), and is never learned; anywhere but first, with an image, or where
+the template does not write it in a conversation ending with an answer (pixtral-12b's writes it before the last user
+turn only), it is a counted skip that says so; a template that refuses it (Llama 3.2 Vision's earlier revision, with
+images) is a "template error" skip with the template's own message.
+
 Labels (`render_chat`): each assistant reply and the end-of-turn marker the template writes after it, and nothing
 else. The rule needs no property of the template beyond "a message's text appears in the rendering, once, in order":
 - The conversation is rendered twice: as it is, and with every message's text replaced by a unique sentinel. The
@@ -99,9 +106,14 @@ class RenderedChat:
 
 
 def _sentinel_messages(messages: list[dict]) -> tuple[list[dict], list[tuple[int, str]]]:
-    """The messages with each text item replaced by its sentinel, and (message index, text) per text item."""
+    """The messages with each text item (or a content that is a string) replaced by its sentinel, and (message
+    index, text) per text."""
     out, texts = [], []
     for k, m in enumerate(messages):
+        if isinstance(m["content"], str):
+            out.append({**m, "content": SENTINEL.format(len(texts))})
+            texts.append((k, m["content"]))
+            continue
         content = []
         for part in m["content"]:
             if part.get("type") == "text":
@@ -140,6 +152,7 @@ def render_chat(apply: Callable[[list[dict], bool], str], messages: list[dict],
     for m in messages:
         if m["role"] == "assistant" and not any(p.get("type") == "text" and p["text"].strip() for p in m["content"]):
             raise SampleError("empty answer", "an assistant turn has no text (it would teach the end marker alone)")
+    messages = system_as_the_template_takes_it(apply, messages)
     marked, texts = _sentinel_messages(messages)
     try:
         real, template = apply(messages, False), apply(marked, False)
@@ -148,6 +161,10 @@ def render_chat(apply: Callable[[list[dict], bool], str], messages: list[dict],
     parts = SENTINEL_RE.split(template)
     pieces, order = parts[0::2], [int(i) for i in parts[1::2]]
     if order != list(range(len(texts))):
+        system = [i for i, (owner, _) in enumerate(texts) if messages[owner]["role"] == "system"]
+        if system and order == [i for i in range(len(texts)) if i not in system]:
+            raise SampleError("system turn not written", "the chat template does not write the system turn in a "
+                                                         "conversation that ends with an answer")
         raise SampleError("template changes message text", "the template leaves out, repeats or reorders messages")
     spans = _locate_texts(real, pieces, [t for _, t in texts])
 
@@ -198,6 +215,28 @@ def supervised_labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]],
         hit = e > s and any(s < b and e > a and e <= b for a, b in spans)
         labels.append(tok if hit else IGNORE_INDEX)
     return labels
+
+
+def system_as_the_template_takes_it(apply: Callable[[list[dict], bool], str], messages: list[dict]) -> list[dict]:
+    """The messages with a system turn's content in the form the template writes as text: a list of content items,
+    as every other message (most templates read `content[0]['text']` or loop over the items), or a string where the
+    template writes the list itself (Llama 3.2 Vision's `messages[0]['content'] | trim` makes the Python repr of a
+    list its system text)."""
+    system = [k for k, m in enumerate(messages) if m["role"] == "system" and not isinstance(m["content"], str)]
+    if not system:
+        return messages
+    marked, _ = _sentinel_messages(messages)
+    try:
+        template = apply(marked, False)
+    except Exception:
+        return messages  # the template's error is the sample's (render_chat)
+    messages = list(messages)
+    for k in system:
+        items = marked[k]["content"]
+        if str(items) in template or any(str(item) in template for item in items):
+            messages[k] = {**messages[k], "content": "".join(p["text"] for p in messages[k]["content"]
+                                                             if p.get("type") == "text")}
+    return messages
 
 
 def template_notes(processor) -> list[str]:
@@ -303,12 +342,31 @@ def record_images(record: dict) -> list:
     return images
 
 
+def leading_system_turn(conversations: list) -> tuple[list[dict], list]:
+    """([the system message], the other turns) of a conversation whose first turn is {"from": "system"} (the
+    messages format's {"role": "system"}); ([], the turns) without one. Its text is never learned (`render_chat`
+    learns the replies only); one system turn, first, with no image, as the templates take it."""
+    is_system = [isinstance(c, dict) and c.get("from") == "system" for c in conversations]
+    if not any(is_system):
+        return [], conversations
+    if is_system.index(True) != 0 or sum(is_system) > 1:
+        raise SampleError("system turn not first", "a system turn is taken as the conversation's first turn only, "
+                                                   "once")
+    value = conversations[0].get("value")
+    if not isinstance(value, str):
+        raise SampleError("malformed record", f"the system turn's 'value' is {type(value).__name__}, not a string")
+    if IMAGE_TOKEN in value:
+        raise SampleError("image in the system turn", f"{IMAGE_TOKEN} in the system turn (images go in user turns)")
+    return [{"role": "system", "content": [{"type": "text", "text": value}]}], conversations[1:]
+
+
 def record_messages(record: dict, n_images: int) -> list[dict]:
     """Chat messages of a LLaVA record with `n_images` images. One image: LLaVA's rule (its "<image>" goes to the
     front of its turn, or into the first user turn if there is none). Several: each "<image>" stays where it is. The
     placeholders must match the images: two "<image>" for one image would otherwise be merged into one (LLaVA's
     reader does that silently), and the processor would refuse an image without a placeholder."""
     conversations = record["conversations"]
+    system, conversations = leading_system_turn(conversations)
     placeholders = sum(c["value"].count(IMAGE_TOKEN) for c in conversations
                        if isinstance(c, dict) and isinstance(c.get("value"), str))
     if placeholders != n_images and not (n_images == 1 and placeholders == 0):
@@ -316,13 +374,13 @@ def record_messages(record: dict, n_images: int) -> list[dict]:
                                                             f"{n_images} image{'s' if n_images != 1 else ''}")
     try:
         if n_images <= 1:
-            return to_messages(parse_turns(conversations, n_images == 1))
+            return system + to_messages(parse_turns(conversations, n_images == 1))
         marked = [{**c, "value": c["value"].replace(IMAGE_TOKEN, IMAGE_MARK)} if isinstance(c, dict) and isinstance(
             c.get("value"), str) else c for c in conversations]
         turns = parse_turns(marked, False)
     except ConversationError as e:
         raise SampleError("malformed record", str(e)) from None
-    messages = []
+    messages = system
     for t in turns:
         content = []
         for k, piece in enumerate(t.text.split(IMAGE_MARK)):
@@ -342,6 +400,8 @@ def builds_own_labels(processor) -> bool:
 
 def prompt_and_answer(messages: list[dict]) -> tuple[str, str]:
     """The one question and one answer of a conversation, for a processor that takes a prompt and a suffix."""
+    if messages and messages[0]["role"] == "system":
+        raise SampleError("system turn", "the processor takes a prompt and its answer, no system text")
     if [m["role"] for m in messages] != ["user", "assistant"]:
         raise SampleError("not one question and one answer", f"{len(messages)} turns (the processor takes a "
                                                              f"prompt and its answer)")

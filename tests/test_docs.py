@@ -31,7 +31,7 @@ PROJECT_PACKAGES = {"dora", "data", "eval", "recipes", "bench", "tests"}
 # Pages written on other branches at the same time and linked from here already (DVoRA, benchmark splits as
 # `datasets` and scorers as `evaluate` metrics, more VLM families). The merger removes each entry when its page
 # lands; the test then fails for an entry whose file exists, so that the list is emptied.
-PENDING_PAGES = {"docs/pending_vlm_families.md"}
+PENDING_PAGES: set = set()
 
 # Requirements that another branch wires into the code (`evaluate` metrics for the benchmark scorers). The merger
 # removes each entry when that code lands; the test then fails for an entry the code imports.

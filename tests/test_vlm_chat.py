@@ -16,9 +16,9 @@ from transformers import AutoConfig
 
 from data.llava import IGNORE_INDEX, SampleError
 from data.vlm_chat import (ChatCollator, ChatDataConfig, ChatDataset, align_labels, chat_renderer, render_chat,
-                           supervised_labels)
+                           supervised_labels, system_as_the_template_takes_it)
 from vlm_families import TEMPLATE_FAMILIES, build_family
-from vlm_template_renderings import RENDERED
+from vlm_template_renderings import MISTRAL3_DATE, RENDERED
 import subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ LEARNED = {
     "llava": " {}</s>", "llava_next": " {}</s>", "llava_next_mistral": " {}</s>",
     "llava_next_mistral_bs": " {}<\\s>", "llava_onevision": "{}<|im_end|>", "qwen2_vl": "{}<|im_end|>",
     "idefics3": " {}<end_of_utterance>", "smolvlm": " {}<end_of_utterance>", "gemma3": "{}<end_of_turn>",
-    "mllama": "{}<|eot_id|>",
+    "mllama": "{}<|eot_id|>", "mistral3": "{}</s>", "pixtral": "{}</s>",
 }
 
 
@@ -92,6 +92,10 @@ CONVERSATIONS = {
     "text-only": [user("What colour is the square?"), assistant("It is red."), user("And the circle?"),
                   assistant("It is blue.")],
 }
+SYSTEM = {"role": "system", "content": [{"type": "text", "text": "You are a careful assistant."}]}
+SYSTEM_CONVERSATIONS = {"system": [SYSTEM] + CONVERSATIONS["multi-turn"],
+                        "system text-only": [SYSTEM] + CONVERSATIONS["text-only"][:2]}
+CONVERSATIONS.update(SYSTEM_CONVERSATIONS)
 
 
 @pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
@@ -102,10 +106,17 @@ def test_our_templates_render_what_the_real_ones_render(families, family):
     real checkpoints (tests/vlm_template_renderings.py holds what the real templates render)."""
     root, processors = families
     processor = processors[family]
+
+    def apply(messages, prompt):
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt,
+                                             date_string="26 Jul 2024")
+        return text.replace(f"The current date is {datetime.date.today().isoformat()}.",  # Mistral 3's default system
+                            f"The current date is {MISTRAL3_DATE}.")
     for (name, prompt), expected in RENDERED[family].items():
-        messages = CONVERSATIONS[name][:1] if prompt else CONVERSATIONS[name]
-        assert processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt,
-                                             date_string="26 Jul 2024") == expected, (name, prompt)
+        messages = CONVERSATIONS[name]
+        messages = messages[:1 + (name in SYSTEM_CONVERSATIONS)] if prompt else messages
+        # a system turn in the form the recipe gives the template (a string for Llama 3.2 Vision)
+        assert apply(system_as_the_template_takes_it(apply, messages), prompt) == expected, (name, prompt)
     if family == "mllama":  # without date_string, today's date, as the real template writes it
         text = processor.apply_chat_template(CONVERSATIONS["text-only"], tokenize=False)
         assert f"Today Date: {datetime.date.today().strftime('%d %b %Y')}\n\n" in text
@@ -152,6 +163,78 @@ def test_what_the_template_makes_the_recipe_do_is_said_once_at_start_up(families
         assert len(notes) == 1 and "<\\\\s>" in notes[0] and "not a special token" in notes[0]
     else:
         assert notes == []
+
+
+SYSTEM_RECORD = {"id": "system", "images": ["a.png"], "messages": [
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]},
+    {"role": "assistant", "content": "It is red."}, {"role": "user", "content": "And the circle?"},
+    {"role": "assistant", "content": [{"type": "text", "text": "It is blue."}]}]}
+
+
+@pytest.mark.parametrize("family", TEMPLATE_FAMILIES)
+def test_a_system_turn_is_written_as_the_real_template_writes_it_and_never_learned(families, family):
+    """A `messages` record with a system turn: the text is what the real template renders for it
+    (tests/vlm_template_renderings.py; Llama 3.2 Vision's template takes it as a string, the others as content items),
+    the replies and their end markers are learned as without it, the system text never."""
+    root, processors = families
+    processor = processors[family]
+    sample = dataset(root, processor, [SYSTEM_RECORD])[0]
+    if family == "pixtral":  # its template writes a system message into the last user turn only: never here
+        assert sample["skip"] == "system turn not written"
+        return
+    assert "skip" not in sample, sample
+    text = sample["text"].replace(datetime.date.today().strftime("%d %b %Y"), "26 Jul 2024")  # Mllama's date
+    eos = EOS_AFTER.get(family, "")  # written after each reply where the template writes no marker
+    assert text == RENDERED[family][("system", False)].replace("It is red. ", f"It is red.{eos} ").replace(
+        "It is blue. ", f"It is blue.{eos} ")
+    assert learned_runs(processor.tokenizer, sample) == [LEARNED[family].format(a) for a in ("It is red.",
+                                                                                          "It is blue.")]
+    batch = ChatCollator(processor)([sample])
+    assert not batch["skipped"] and int((batch["inputs"]["labels"] != IGNORE_INDEX).sum()) == sum(
+        label != IGNORE_INDEX for label in sample["labels"])
+
+
+def test_a_system_turn_the_template_cannot_take_is_a_counted_skip_with_its_reason(families, paligemma, caplog):
+    root, processors = families
+    conversation = RECORDS[0]["conversations"]
+    system = {"from": "system", "value": "Be brief."}
+    records = [{"id": "late", "image": "a.png", "conversations": [*conversation[:2], system, *conversation[2:]]},
+               {"id": "two", "image": "a.png", "conversations": [system, system, *conversation]},
+               {"id": "image", "image": "a.png", "conversations": [{**system, "value": "<image>\nBe brief."},
+                                                                   {**conversation[0], "value": "What colour?"},
+                                                                   conversation[1]]},
+               {"id": "not-text", "conversations": [{**system, "value": 3}, *RECORDS[1]["conversations"]]},
+               {**MULTI_IMAGE, "id": "multi-image", "conversations": [system, *MULTI_IMAGE["conversations"]]}]
+    processor = processors["qwen2_vl"]
+    data = dataset(root, processor, records)
+    assert [data[i].get("skip") for i in range(len(records))] == [
+        "system turn not first", "system turn not first", "image in the system turn", "malformed record", None]
+    assert data[4]["text"].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    # pixtral-12b's template writes the system message into the last user turn only, so never in a conversation that
+    # ends with an answer: said, not trained without it
+    sample = dataset(root, processors["pixtral"], [{"id": "pixtral", "conversations": [
+        system, *RECORDS[1]["conversations"]]}, RECORDS[1]])
+    assert sample[0]["skip"] == "system turn not written" and "skip" not in sample[1]
+    # Llama 3.2 Vision's earlier revision refuses a system message with images: a skip that carries its message
+    processor = processors["mllama"]
+    original = processor.chat_template
+    processor.chat_template = ("{% if messages[0].role == 'system' %}{% for m in messages if m.content is not string %}"
+                               "{% for c in m.content if c.type == 'image' %}{{ raise_exception('Prompting with "
+                               "images is incompatible with system messages.') }}{% endfor %}{% endfor %}{% endif %}"
+                               + original)
+    try:
+        refused = dataset(root, processor, [{"id": "refused", "image": "a.png", "conversations": [
+            system, *conversation[:2]]}])
+        with caplog.at_level("WARNING"):
+            assert refused[0]["skip"] == "template error"
+        assert "Prompting with images is incompatible with system messages." in caplog.text
+    finally:
+        processor.chat_template = original
+    root, processor = paligemma  # a prompt and its answer: no system text
+    one = {"id": "one", "image": "a.png", "conversations": [system, {"from": "human", "value": "Colour?"},
+                                                            {"from": "gpt", "value": "Red."}]}
+    assert dataset(root, processor, [one])[0]["skip"] == "system turn"
 
 
 def test_a_token_that_runs_into_the_next_turn_is_not_learned():
@@ -304,7 +387,8 @@ def test_eval_generate_answers_text_only_and_image_questions_in_one_batch_in_ord
 
 
 TYPED = {"qwen2_vl": "<|im_end|>", "llava": "</s>", "llava_next_mistral": "</s>", "gemma3": "<end_of_turn>",
-         "mllama": "<|eot_id|>", "idefics3": "<end_of_utterance>", "llava_onevision": "<|im_start|>"}
+         "mllama": "<|eot_id|>", "idefics3": "<end_of_utterance>", "llava_onevision": "<|im_start|>",
+         "mistral3": "[/INST]"}
 
 
 @pytest.mark.parametrize("family", sorted(TYPED))

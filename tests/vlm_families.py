@@ -3,9 +3,10 @@ for the generic recipe's tests.
 
 Each family has the real checkpoint's processor class, a tokenizer of the real one's kind (a sentencepiece
 Llama-style model with byte fallback and split digits for LLaVA-1.5 / LLaVA-NeXT, whose vicuna and mistral
-tokenizers are of that kind; byte-level BPE for the Qwen2, Llama 3 and SmolLM families), and a chat template of our
-own that renders the same text as the real checkpoint's template on the conversations the recipe makes (user
-turns with images and text, assistant turns with text: multi-turn, multi-image, text-only), quirks included.
+tokenizers are of that kind; byte-level BPE for the Qwen2, Llama 3, SmolLM and Mistral tekken families), and a chat
+template of our own that renders the same text as the real checkpoint's template on the conversations the recipe
+makes (user turns with images and text, assistant turns with text: multi-turn, multi-image, text-only, a system turn
+first), quirks included.
 `TEMPLATE_SOURCES` names the real template each one was compared with; tests/vlm_template_renderings.py holds
 what those render, tests/test_vlm_chat.py checks ours against it.
 
@@ -22,7 +23,7 @@ from recipes.vlm.demo import LLAVA_15_TEMPLATE
 # The families the recipe test trains end to end (tests/test_vlm_recipe.py), and all those with a real template
 FAMILIES = ("llava_next", "qwen2_vl", "idefics3", "gemma3", "mllama", "llava_onevision")
 TEMPLATE_FAMILIES = ("llava", "llava_next", "llava_next_mistral", "llava_next_mistral_bs", "llava_onevision",
-                     "qwen2_vl", "idefics3", "smolvlm", "gemma3", "mllama")
+                     "qwen2_vl", "idefics3", "smolvlm", "gemma3", "mllama", "mistral3", "pixtral")
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
@@ -97,15 +98,17 @@ GEMMA3 = ("{{ bos_token }}"
           "{% endif %}{% endfor %}{% endif %}"
           "{{ '<end_of_turn>\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
-# Llama-3.2-11B-Vision-Instruct: the BOS written by the template, and a dated system turn only in conversations
-# without images (today's date unless `date_string` is given)
+# Llama-3.2-11B-Vision-Instruct: the BOS written by the template, and a dated system turn in conversations without
+# images or with a system message (today's date unless `date_string` is given); the system message's content as
+# the template writes it (`| trim`: a string, or a list's Python repr); the earlier revision raises on a system
+# message with images instead
 MLLAMA = ("{{ bos_token }}"
           "{% set ns = namespace(images=false) %}"
           "{% for m in messages if m.content is not string %}{% for c in m.content if c.type == 'image' %}"
           "{% set ns.images = true %}{% endfor %}{% endfor %}"
           "{% if messages[0].role == 'system' %}{% set system, turns = messages[0].content | trim, messages[1:] %}"
           "{% else %}{% set system, turns = '', messages %}{% endif %}"
-          "{% if not ns.images %}"
+          "{% if messages[0].role == 'system' or not ns.images %}"
           "{% if date_string is not defined %}"
           "{% set date_string = strftime_now('%d %b %Y') if strftime_now is defined else '26 Jul 2024' %}"
           "{% endif %}"
@@ -118,9 +121,50 @@ MLLAMA = ("{{ bos_token }}"
           "{% endfor %}{% endif %}{{ '<|eot_id|>' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 
+# Mistral-Small-3.1-24B-Instruct-2503 (Mistral3): the BOS written by the template, a system prompt always (its
+# default one with today's date, "%Y-%m-%d", unless the first message is a system turn, whose content[0].text it
+# takes), "[INST]{q}[/INST]{a}</s>" with images as "[IMG]" in place and no generation prompt
+MISTRAL3_DEFAULT_SYSTEM = (
+    "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in "
+    "Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is {today}.\n\nWhen you're not "
+    "sure about some information, you say that you don't have the information and don't make up anything.\nIf the "
+    "user's question is not clear, ambiguous, or does not provide enough context for you to accurately answer the "
+    "question, you do not try to answer it right away and you rather ask the user to clarify their request (e.g. "
+    "\"What are some good restaurants around me?\" => \"Where are you?\" or \"When is the next flight to Tokyo\" => "
+    "\"Where do you travel from?\")")
+MISTRAL3 = ("{{ bos_token }}{% if messages[0].role == 'system' %}"
+            "{% set system, turns = messages[0].content[0].text, messages[1:] %}"
+            "{% else %}{% set system, turns = " + repr(MISTRAL3_DEFAULT_SYSTEM).replace("{today}", "' ~ "
+            "strftime_now('%Y-%m-%d') ~ '") + ", messages %}{% endif %}"
+            "{{ '[SYSTEM_PROMPT]' ~ system ~ '[/SYSTEM_PROMPT]' }}{% for m in turns %}"
+            "{% if m.role == 'user' %}{{ '[INST]' }}{% for c in m.content %}"
+            "{{ '[IMG]' if c.type == 'image' else c.text }}{% endfor %}{{ '[/INST]' }}"
+            "{% elif m.role == 'assistant' %}{{ m.content[0].text ~ eos_token }}"
+            "{% else %}{{ raise_exception('Only user, system and assistant roles are supported!') }}{% endif %}"
+            "{% endfor %}")
+
+# pixtral-12b (mistral-community/pixtral-12b, as transformers' convert_pixtral_weights_to_hf.py writes it): the BOS
+# written by the template, "[INST]{q}[/INST]{a}</s>" with images as "[IMG]" in place, no generation prompt, and a
+# system message written only into the last user turn ("[INST]{system}\n\n{q}[/INST]"), so never in a conversation
+# that ends with an answer
+PIXTRAL = ("{% if messages[0].role == 'system' %}{% set system, turns = messages[0].content, messages[1:] %}"
+           "{% else %}{% set turns = messages %}{% endif %}{{ bos_token }}{% for m in turns %}"
+           "{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('After the optional system message, conversation roles must alternate "
+           "user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if m.role == 'user' %}{{ '[INST]' + system + '\n\n' if loop.last and system is defined else '[INST]' }}"
+           "{% endif %}{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+           "{% if c.type == 'text' %}{{ c.content if 'content' in c else c.text }}"
+           "{% elif c.type == 'image' %}{{ '[IMG]' }}{% else %}{{ raise_exception('Unrecognized content type!') }}"
+           "{% endif %}{% endfor %}{% endif %}"
+           "{% if m.role == 'user' %}{{ '[/INST]' }}{% elif m.role == 'assistant' %}{{ eos_token }}"
+           "{% else %}{{ raise_exception('Only user and assistant roles are supported, with the exception of an "
+           "initial optional system message!') }}{% endif %}{% endfor %}")
+
 TEMPLATES = {"llava": LLAVA_15, "llava_next": LLAVA_15, "llava_next_mistral": LLAVA_NEXT_MISTRAL,
              "llava_next_mistral_bs": LLAVA_NEXT_MISTRAL_BS, "llava_onevision": LLAVA_ONEVISION, "qwen2_vl": QWEN2_VL,
-             "idefics3": IDEFICS3, "smolvlm": SMOLVLM, "gemma3": GEMMA3, "mllama": MLLAMA}
+             "idefics3": IDEFICS3, "smolvlm": SMOLVLM, "gemma3": GEMMA3, "mllama": MLLAMA, "mistral3": MISTRAL3,
+             "pixtral": PIXTRAL}
 # The real template each of ours renders the same text as (tests/test_vlm_chat.py; docs/vlm.md)
 TEMPLATE_SOURCES = {
     "llava": "llava-hf/llava-1.5-7b-hf chat_template.json",
@@ -133,6 +177,10 @@ TEMPLATE_SOURCES = {
     "smolvlm": "HuggingFaceTB/SmolVLM-Instruct chat_template.json",
     "gemma3": "google/gemma-3-*-it chat template (both revisions)",
     "mllama": "meta-llama/Llama-3.2-11B-Vision-Instruct chat_template.json (both revisions)",
+    "mistral3": "mistralai/Mistral-Small-3.1-24B-Instruct-2503 chat template (transformers "
+                "tests/models/mistral3/test_processing_mistral3.py, its processor's)",
+    "pixtral": "mistral-community/pixtral-12b chat template as transformers' "
+               "src/transformers/models/pixtral/convert_pixtral_weights_to_hf.py writes it",
 }
 
 # --- tokenizers ----------------------------------------------------------------------------------------------------
@@ -153,6 +201,11 @@ BPE_TOKENIZERS = {
                 "<end_of_utterance>", "<|im_end|>", False),
     "gemma3": (GEMMA_SPECIAL, "<bos>", "<eos>", "<pad>", True),
     "mllama": (LLAMA3_SPECIAL + ["<|image|>"], "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", True),
+    # Mistral 3's tekken tokenizer is a byte-level BPE (tiktoken's kind) that adds the BOS
+    "mistral3": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]",
+                  "[/SYSTEM_PROMPT]", "<pad>"], "<s>", "</s>", "<pad>", True),
+    "pixtral": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<pad>"], "<s>",
+                "</s>", "<pad>", True),
     # PaliGemma's processor adds <image> and its location and segmentation tokens itself, and writes BOS and EOS
     "paligemma": (["<pad>", "<eos>", "<bos>", "<unk>"], "<bos>", "<eos>", "<pad>", False),
 }
@@ -199,6 +252,8 @@ def _sentencepiece_tokenizer():
 def family_tokenizer(family: str, texts: Iterable[str]):
     if family in ("llava", "llava_next", "llava_next_mistral", "llava_next_mistral_bs"):
         return _sentencepiece_tokenizer()
+    if family == "mistral3":  # its default system prompt is in every conversation without a system turn
+        texts = [*texts, MISTRAL3_DEFAULT_SYSTEM]
     return _bpe_tokenizer(family, texts)
 
 
@@ -288,6 +343,25 @@ def build_family(family: str, out: str | Path, texts: Iterable[str], seed: int =
                                                 "patch_size": 8},
                                  image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projection_dim=64,
                                  **common)
+    elif family == "mistral3":
+        from transformers import Mistral3Config, PixtralImageProcessor, PixtralProcessor
+        config = Mistral3Config(text_config={"model_type": "mistral", **TEXT, **common, "head_dim": 16},
+                                vision_config={"model_type": "pixtral", **VISION, "head_dim": 16, "image_size": 32,
+                                               "patch_size": 8},
+                                image_token_index=ids("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1)
+        image_processor = PixtralImageProcessor(size={"longest_edge": 32}, patch_size={"height": 8, "width": 8})
+        processor = PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                     spatial_merge_size=2, chat_template=template)
+    elif family == "pixtral":  # pixtral-12b is a LlavaForConditionalGeneration with a Pixtral tower, no merge
+        from transformers import LlavaConfig, PixtralImageProcessor, PixtralProcessor
+        config = LlavaConfig(text_config={"model_type": "mistral", **TEXT, **common, "head_dim": 16},
+                             vision_config={"model_type": "pixtral", **VISION, "head_dim": 16, "image_size": 32,
+                                            "patch_size": 8},
+                             image_token_index=ids("[IMG]"), vision_feature_layer=-1,
+                             vision_feature_select_strategy="full")
+        image_processor = PixtralImageProcessor(size={"longest_edge": 32}, patch_size={"height": 8, "width": 8})
+        processor = PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                     spatial_merge_size=1, chat_template=template)
     elif family == "mllama":
         from transformers import MllamaConfig, MllamaImageProcessor, MllamaProcessor
         config = MllamaConfig(text_config={**TEXT, **common, "cross_attention_layers": [1]},
