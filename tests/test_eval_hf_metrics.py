@@ -4,7 +4,7 @@ the repository on PYTHONPATH; its numbers equal the CLI's on the same questions 
 import csv
 import json
 import os
-import subprocess
+import subprocesses
 import sys
 from pathlib import Path
 
@@ -146,9 +146,9 @@ def test_every_task_loads_with_evaluate_and_gives_the_clis_numbers(tmp_path, cap
     (tmp_path / "load_all.py").write_text(LOAD_ALL)
     user = tmp_path / "elsewhere"  # a user's folder: the repository is not the working directory
     user.mkdir()
-    done = subprocess.run([sys.executable, str(tmp_path / "load_all.py"), str(tmp_path / "calls.json"), str(ROOT)],
-                          cwd=user, env=user_env(tmp_path, pythonpath=True), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocesses.run([sys.executable, str(tmp_path / "load_all.py"), str(tmp_path / "calls.json"), str(ROOT)],
+                            what="evaluate.load of every metric from another folder", timeout=300, cwd=user,
+                            env=user_env(tmp_path, pythonpath=True))
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     for task in TASKS:
@@ -157,8 +157,8 @@ def test_every_task_loads_with_evaluate_and_gives_the_clis_numbers(tmp_path, cap
 
 def test_without_the_repository_importable_the_metric_says_what_to_do(tmp_path):
     code = f"import evaluate; evaluate.load({str(ROOT / 'eval' / 'metrics' / 'textvqa')!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=user_env(tmp_path, pythonpath=False),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocesses.run([sys.executable, "-c", code], what="evaluate.load without the repository importable",
+                            timeout=300, cwd=tmp_path, env=user_env(tmp_path, pythonpath=False))
     assert done.returncode != 0
     assert ("ImportError: the textvqa metric runs the scorers of the dora-vl repository (its `eval` package), which "
             "is not importable here") in done.stderr and "pip install -e <repository>" in done.stderr
