@@ -143,6 +143,12 @@ def accuracy(model, data, batch_size: int = 256) -> float:
     return right / len(data)
 
 
+def _versions() -> dict:
+    import torch
+    import transformers
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def pretrain(out: Path, steps: int = 2500, seed: int = 0) -> dict:
     """The base: a tiny BART that answers "f x" for every function (100 % on them), never shown a composition."""
     import torch
@@ -355,7 +361,10 @@ def experiment(args) -> dict:
               row("DoRA, dropout 0.05 exact", dropout["exact"]),
               row("DoRA, dropout 0.05 lora-branch", dropout["lora-branch"])]
     summary = {"setting": {"steps": args.steps, "batch": 32, "seeds": args.seeds, "rank": RANK, "alpha": 2 * RANK,
-                           "target": TARGET, "vera": vera_rule("dvora"), "lr_grid": LRS, "val_accuracy_by_lr": searched, "chosen_lr": chosen, "threads": 1,
+                           "target": TARGET, "vera": vera_rule("dvora"), "lr_grid": LRS,
+                           "val_accuracy_by_lr": searched, "chosen_lr": chosen, "threads": 1,
+                           # the base model's random draw depends on them (another transformers drew another base)
+                           "versions": _versions(),
                            "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                            "wall_seconds_this_invocation": time.perf_counter() - t_start,
                            "runs_reused_from_earlier_invocations": reused},
