@@ -125,10 +125,16 @@ def _projection_records(model: nn.Module) -> tuple[dict, dict]:
     return records, tensors
 
 
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
 def _check_projections(model: nn.Module, records: Mapping[str, dict], tensors: dict, source: str) -> None:
-    """The model's projection groups (just drawn from their seeds) are the ones the adapter was trained with:
-    equal to the file's where it has them (compared in the dtype training held them in), else the seed must draw
-    the recorded digest. Pops the projection tensors out of `tensors`."""
+    """The model's projection groups are the ones the adapter was trained with: the file's where it has them, else
+    what the seed draws (its recorded digest). Compared in the coarser of the dtype training held them in and the
+    one the model holds them in now (a model cast to bf16 after apply_dora holds rounded ones), then set to the
+    training's values in the model's dtype, so that the loaded model computes what the trained one did. Pops the
+    projection tensors out of `tensors`."""
     groups = vera_projection_groups(model)
     if set(groups) != set(records):
         raise AdapterError(f"{source}: VeRA projection groups differ: the model has {sorted(groups)}, the adapter "
@@ -140,25 +146,36 @@ def _check_projections(model: nn.Module, records: Mapping[str, dict], tensors: d
             raise AdapterError(f"{source}: projections {key} are A {shapes[0]}, B {shapes[1]} in the model but "
                                f"A {rec['A_shape']}, B {rec['B_shape']} in the adapter (the largest in / out of the "
                                f"adapted modules differ)")
+        held = getattr(torch, rec.get("dtype", "float32"))
+        drawn = dict(zip("AB", draw_projections(rec["rank"], rec["A_shape"][1], rec["B_shape"][0], rec["seed"])))
         if rec.get("saved"):
-            held = getattr(torch, rec.get("dtype", "float32"))
+            trained = {}
             for part in ("A", "B"):
                 saved = tensors.pop(f"{key}.{part}", None)
                 if saved is None:
                     raise AdapterError(f"{source}: the config says projections {key} were saved, but the file has no "
                                        f"{key}.{part}")
-                if not torch.equal(saved.to(held), getattr(group, part).to(saved.device, held)):
+                if not torch.equal(saved.to(held), drawn[part].to(held)):
                     raise AdapterError(
                         f"{source}: projection {key}.{part} in the checkpoint does not match the one projection_seed "
                         f"{rec['seed']} draws (rank {rec['rank']}): the file was edited, or the adapter was trained "
                         f"with other projections than its config's seed; the adapter cannot be applied as saved")
+                trained[part] = saved.to(held)
         else:
-            digests = (projection_digest(group.A.float()), projection_digest(group.B.float()))
-            if digests != (rec["sha256_A"], rec["sha256_B"]):
+            if (projection_digest(drawn["A"]), projection_digest(drawn["B"])) != (rec["sha256_A"], rec["sha256_B"]):
                 raise AdapterError(
                     f"{source}: projections {key} regenerated from projection_seed {rec['seed']} differ from the ones "
                     f"the adapter was trained with (sha256 recorded at save); this torch draws other numbers from the "
                     f"seed: save the adapter with save_projection: true")
+            trained = {part: t.to(held) for part, t in drawn.items()}
+        for part in ("A", "B"):
+            mine = getattr(group, part)
+            common = _coarser(held, mine.dtype)
+            if not torch.equal(drawn[part].to(common), mine.detach().to("cpu", common)):
+                raise AdapterError(f"{source}: the model's projections {key}.{part} are not what projection_seed "
+                                   f"{rec['seed']} draws: they were changed after apply_dora")
+            with torch.no_grad():
+                mine.copy_(trained[part].to(mine.device, mine.dtype))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -175,6 +175,25 @@ def test_save_and_load_round_trip(tmp_path, save_projection):
     assert all(isinstance(m, VeRALinear) and m.has_magnitude for m in dora_modules(fresh).values())
 
 
+@pytest.mark.parametrize("save_projection", [True, False])
+@pytest.mark.parametrize("trained_in, loaded_in", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_load_into_a_model_cast_after_apply(tmp_path, save_projection, trained_in, loaded_in):
+    """apply_dora, cast (the projections, buffers, are cast with the model), train, save; the same steps on a fresh
+    model then load: accepted, and the same outputs as the trained model cast alike."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_dora(model, [vera_rule(save_projection=save_projection)], verbose=False)
+    model = perturb(model.to(trained_in)).eval()
+    save_adapter(model, tmp_path)
+    fresh = TinyNet()
+    fresh.load_state_dict(base)
+    apply_dora(fresh, [vera_rule(save_projection=save_projection)], verbose=False)
+    load_adapter(fresh.to(loaded_in), tmp_path)
+    x = torch.randn(4, 12)
+    assert torch.equal(fresh.eval()(x.to(loaded_in)), model.to(loaded_in)(x.to(loaded_in)))
+
+
 def _rewrite_weights(path, edit):
     file = path / WEIGHTS_NAME
     with safe_open(str(file), framework="pt") as f:
@@ -198,6 +217,13 @@ def test_load_refuses_projections_that_do_not_match_the_seed(tmp_path):
     (tmp_path / "digest" / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(AdapterError, match=r"regenerated from projection_seed 11 differ"):
         load_adapter(TinyNet(), tmp_path / "digest")
+    # the adapted model's own projections changed after apply_dora: not the ones the adapter was trained with
+    save_adapter(model, tmp_path / "good")
+    changed = model_with(torch.float32)
+    with torch.no_grad():
+        next(iter(vera_projection_groups(changed).values())).B.mul_(1.001)
+    with pytest.raises(AdapterError, match=rf"the model's projections {key}\.B are not what projection_seed"):
+        load_adapter(changed, tmp_path / "good")
 
 
 def test_compiles_without_graph_breaks():
