@@ -222,8 +222,16 @@ def truth_pope(ds, where):
 def _has_image(ds) -> list[bool]:
     if "image" not in ds.column_names:
         return [False] * len(ds)
-    table = ds.select_columns(["image"]).with_format("arrow")[:]  # the stored column, not decoded
-    return [bool(v) for v in table.column("image").is_valid().to_pylist()]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    column = ds.select_columns(["image"]).with_format("arrow")[:].column("image")  # as stored, not decoded
+    has = column.is_valid()
+    if pa.types.is_struct(column.type):  # datasets.Image: {bytes, path}; a row with neither holds no image
+        parts = [pc.struct_field(column, name).is_valid() for name in ("bytes", "path")
+                 if column.type.get_field_index(name) >= 0]
+        if parts:
+            has = pc.and_(has, pc.or_(*parts) if len(parts) == 2 else parts[0])
+    return [bool(v) for v in has.to_pylist()]
 
 
 def truth_scienceqa(ds, where):

@@ -269,6 +269,19 @@ def test_scienceqa_img_rows_are_numbered(tmp_path, capsys):
     assert got == official
 
 
+def test_an_image_struct_with_neither_bytes_nor_path_is_no_image():
+    """ScienceQA's image subset counts a row as an image question only if it holds an image: a null image, and an
+    image struct whose bytes and path are both null (parquet written by other tools), are none."""
+    import datasets as d
+    import pyarrow as pa
+
+    from eval.dataset_splits import _has_image
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": b"png", "path": None}, {"bytes": None, "path": "a.png"}, {"bytes": None, "path": None}, None]
+    ds = d.Dataset(pa.table({"image": pa.array(rows, type=image)}))
+    assert _has_image(ds) == [True, True, False, False]
+
+
 def test_a_hub_id_not_in_the_cache_and_a_wrong_layout_are_one_line_errors(tmp_path, capsys):
     p = preds(tmp_path / "a.jsonl", {1: "yes"})
     assert main(["score", "textvqa", "--pred", str(p), "--dataset", "lmms-lab/textvqa"]) == 2
