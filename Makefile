@@ -42,6 +42,7 @@ bench: $(OPS)
 
 bench-all: $(OPS)
 	$(PY) bench/dora_layer.py
+	$(PY) bench/qdora.py
 	$(PY) bench/vlbart_step.py
 	$(PY) bench/features.py
 	$(PY) bench/video.py
