@@ -481,11 +481,16 @@ class DoRALinear(nn.Module):
             rank, alpha = _validated_rank(rank), _validated_alpha(alpha)
         self._set_options(in_features, out_features, rank, alpha, dropout, dropout_mode, magnitude_only, detach_norm,
                           rslora, inplace_safe)
+        self._make_weights(bias, device, dtype, adapter_dtype)
+
+    def _make_weights(self, bias: bool, device, dtype, adapter_dtype) -> None:
+        """The frozen W0 (and bias), then the adapter (`_make_adapter`, fp32 for a half-precision layer unless
+        `adapter_dtype` says otherwise), initialised unless on the meta device."""
         factory = {"device": device, "dtype": dtype}
         if adapter_dtype is None:
             adapter_dtype = dtype if dtype in (None, torch.float32, torch.float64) else torch.float32
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features, **factory), requires_grad=False) if bias else None
         self._make_adapter(device, adapter_dtype)
         if self.weight.device.type != "meta":
             self.reset_parameters()
@@ -517,6 +522,10 @@ class DoRALinear(nn.Module):
             self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **adapter))
             self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank, **adapter))
         self.magnitude = nn.Parameter(torch.empty(self.out_features, **adapter))
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """Unmerged, and the norm caches empty."""
         self.merged = False
         self._merge_norm: Optional[torch.Tensor] = None  # the norm at merge time; exact unmerge needs it
         self.norm_computations = 0  # how many times the row norm was computed (observability and tests)

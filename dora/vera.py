@@ -115,14 +115,7 @@ class VeRALinear(DoRALinear):
                              f"{projections.extra_repr()} are smaller than the layer")
         self.vera_projections = projections
         self.projection_seed = projections.seed
-        factory = {"device": device, "dtype": dtype}
-        if adapter_dtype is None:
-            adapter_dtype = dtype if dtype in (None, torch.float32, torch.float64) else torch.float32
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self._make_adapter(device, adapter_dtype)
-        if self.weight.device.type != "meta":
-            self.reset_parameters()
+        self._make_weights(bias, device, dtype, adapter_dtype)
 
     def _make_adapter(self, device, dtype) -> None:
         adapter = {"device": device, "dtype": dtype}
@@ -134,11 +127,8 @@ class VeRALinear(DoRALinear):
             self.magnitude = nn.Parameter(torch.empty(self.out_features, **adapter))
         else:
             self.register_parameter("magnitude", None)
-        self.merged = False
-        self._merge_norm = None
-        self.norm_computations = 0
-        self._w2_cache, self._norm_cache, self._gm1_cache = _NormCache(), _NormCache(), _NormCache()
-        self._small_scale_cache, self._cross_cache = _NormCache(), _NormCache()
+        self._init_state()
+        self._cross_cache = _NormCache()  # W0 A^T: both frozen (see _base_cross)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 256, alpha: Optional[float] = None,
