@@ -28,3 +28,29 @@ deepspeed_launcher() {
               --master_addr "${MASTER_ADDR:-$(hostname)}" --master_port "${MASTER_PORT:-29500}")
   fi
 }
+
+# `run_recipe RECIPE DEMO_CONFIG DEMO_ROOT [CONFIG] [key=value ...]`: recipes/RECIPE/train.py on CONFIG under the
+# launcher, or, when no CONFIG is given, the recipe's built-in demo (DEMO_CONFIG, at most 2 processes: its batches
+# are sized for them): `python -m recipes.RECIPE.demo prepare` in DEMO_ROOT, training in a new run folder there (a
+# finished run is kept: recipes/demo.py), then `finish` (merge, evaluate, report). The array `demo_args`, when the
+# caller sets it, goes to prepare and finish.
+run_recipe() {
+  local recipe=$1 config=$2 root=$3 demo=0 run
+  shift 3
+  if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then
+    demo=1
+  else
+    config=$1
+    shift
+  fi
+  deepspeed_launcher "$(( demo ? 2 : 0 ))"
+  if [ "$demo" = 1 ]; then
+    run=$("$PYTHON" -m recipes.demo run-dir "$root/run" "$@")
+    set -- "$@" "train.output_dir=$run"
+    "$PYTHON" -m "recipes.$recipe.demo" prepare ${demo_args[@]+"${demo_args[@]}"} --root "$root"
+  fi
+  "${launcher[@]}" "$REPO/recipes/$recipe/train.py" "$config" "$@"
+  if [ "$demo" = 1 ]; then
+    "$PYTHON" -m "recipes.$recipe.demo" finish ${demo_args[@]+"${demo_args[@]}"} --root "$root" --run "$run"
+  fi
+}

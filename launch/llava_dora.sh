@@ -10,22 +10,4 @@
 set -euo pipefail
 source "$(dirname "$0")/deepspeed_env.sh"
 
-demo=0
-if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then
-  demo=1
-  config=$REPO/recipes/llava/configs/demo.yaml
-else
-  config=$1
-  shift
-fi
-
-deepspeed_launcher "$(( demo ? 2 : 0 ))"   # the demo's global batch is 8 = 4 x 2 processes
-if [ "$demo" = 1 ]; then
-  run=$("$PYTHON" -m recipes.demo run-dir runs/demo/run "$@")   # a finished run is kept: a rerun trains beside it
-  set -- "$@" "train.output_dir=$run"
-  "$PYTHON" -m recipes.llava.demo prepare --root runs/demo
-fi
-"${launcher[@]}" "$REPO/recipes/llava/train.py" "$config" "$@"
-if [ "$demo" = 1 ]; then
-  "$PYTHON" -m recipes.llava.demo finish --root runs/demo --run "$run"
-fi
+run_recipe llava "$REPO/recipes/llava/configs/demo.yaml" runs/demo "$@"

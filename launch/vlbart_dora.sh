@@ -17,26 +17,8 @@ if [ "${1:-}" = video ]; then
   kind=video
   shift
 fi
-demo=0
-if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then
-  demo=1
-  config=$REPO/recipes/vlbart/configs/demo_$kind.yaml
-else
-  config=$1
-  shift
-fi
 root=runs/vlbart_demo demo_args=()
 if [ "$kind" = video ]; then
   root=runs/vlbart_video_demo demo_args=(--video)
 fi
-
-deepspeed_launcher "$(( demo ? 2 : 0 ))"   # the demo's task batches are sized for 2 processes
-if [ "$demo" = 1 ]; then
-  run=$("$PYTHON" -m recipes.demo run-dir "$root/run" "$@")   # a finished run is kept: a rerun trains beside it
-  set -- "$@" "train.output_dir=$run"
-  "$PYTHON" -m recipes.vlbart.demo prepare "${demo_args[@]}" --root "$root"
-fi
-"${launcher[@]}" "$REPO/recipes/vlbart/train.py" "$config" "$@"
-if [ "$demo" = 1 ]; then
-  "$PYTHON" -m recipes.vlbart.demo finish "${demo_args[@]}" --root "$root" --run "$run"
-fi
+run_recipe vlbart "$REPO/recipes/vlbart/configs/demo_$kind.yaml" "$root" "$@"

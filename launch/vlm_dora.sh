@@ -11,22 +11,4 @@
 set -euo pipefail
 source "$(dirname "$0")/deepspeed_env.sh"
 
-demo=0
-if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then
-  demo=1
-  config=$REPO/recipes/vlm/configs/demo.yaml
-else
-  config=$1
-  shift
-fi
-
-deepspeed_launcher "$(( demo ? 2 : 0 ))"   # the demo's global batch is 8 = 4 x 2 processes
-if [ "$demo" = 1 ]; then
-  run=$("$PYTHON" -m recipes.demo run-dir runs/vlm_demo/run "$@")   # a finished run is kept: a rerun trains beside it
-  set -- "$@" "train.output_dir=$run"
-  "$PYTHON" -m recipes.vlm.demo prepare --root runs/vlm_demo
-fi
-"${launcher[@]}" "$REPO/recipes/vlm/train.py" "$config" "$@"
-if [ "$demo" = 1 ]; then
-  "$PYTHON" -m recipes.vlm.demo finish --root runs/vlm_demo --run "$run"
-fi
+run_recipe vlm "$REPO/recipes/vlm/configs/demo.yaml" runs/vlm_demo "$@"

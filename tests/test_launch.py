@@ -56,16 +56,18 @@ def _fakes(tmp_path: Path) -> dict:
 @pytest.mark.parametrize("script, root, config", [
     ("llava_dora.sh", "runs/demo", "recipes/llava/configs/demo.yaml"),
     ("vlbart_dora.sh", "runs/vlbart_demo", "recipes/vlbart/configs/demo_image.yaml"),
-    ("vlm_dora.sh", "runs/vlm_demo", "recipes/vlm/configs/demo.yaml")])
+    ("vlm_dora.sh", "runs/vlm_demo", "recipes/vlm/configs/demo.yaml"),
+    ("vlbart_dora.sh video", "runs/vlbart_video_demo", "recipes/vlbart/configs/demo_video.yaml")])
 def test_a_demo_rerun_trains_beside_the_finished_run_and_finish_reads_the_run_it_trained(tmp_path, script, root,
                                                                                           config):
     env, log = _fakes(tmp_path)
+    script, *lead = script.split()  # "vlbart_dora.sh video": the video demo
     here = tmp_path / "elsewhere"  # not the repository: the demo writes runs/ here
     here.mkdir()
 
     def launch(*args):
         log.write_text("")
-        done = subprocesses.run(["bash", str(ROOT / "launch" / script), *args], what=f"launch/{script}",
+        done = subprocesses.run(["bash", str(ROOT / "launch" / script), *lead, *args], what=f"launch/{script}",
                                 timeout=120, cwd=here, env=env)
         assert done.returncode == 0, subprocesses.output(done)
         calls = log.read_text().splitlines()
@@ -73,6 +75,8 @@ def test_a_demo_rerun_trains_beside_the_finished_run_and_finish_reads_the_run_it
         finished = [c for c in calls if " finish " in c]
         assert len(trained) == len(finished) == 1, calls
         assert f" {ROOT / config} " in trained[0] + " "
+        prepared = [c for c in calls if " prepare " in c]
+        assert all((" --video " in c) == bool(lead) for c in prepared + finished), calls
         return trained[0], finished[0], done.stderr
 
     trained, finished, _ = launch()
