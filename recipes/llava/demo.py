@@ -72,11 +72,17 @@ def finish(root: Path, run: Optional[Path] = None) -> dict:
     merge_run(run, run / "merged", with_adapter=True)
     before = answer_and_score(root / "base", root, root, "before")
     after = answer_and_score(run / "merged", root, run, "after")
+    return report(before, after, run, start)
+
+
+def report(before: dict, after: dict, run: Path, start: float) -> dict:
+    """The before / after table (with per-question-type rows when the scores have them) and the results JSON as the
+    last line; the generic VLM demo reports the same way."""
     summary = json.loads((run / "train_summary.json").read_text())
     print()
     print(f"{'held-out accuracy (VQA metric)':<32} {'before':>8} {'after':>8}")
     print(f"{'all questions':<32} {before['score'] / 100:>8.3f} {after['score'] / 100:>8.3f}")
-    for kind in after["per_question_type"]:
+    for kind in after.get("per_question_type", {}):
         print(f"{'  ' + kind + ' questions':<32} {before['per_question_type'][kind]:>8.3f} "
               f"{after['per_question_type'][kind]:>8.3f}")
     print(f"{'chance':<32} {CHANCE:>8.3f}")

@@ -72,7 +72,7 @@ def answer_and_score(model_dir: Path, root: Path, out: Path, name: str) -> dict:
 
 
 def finish(root: Path, run: Optional[Path] = None) -> dict:
-    from recipes.llava.demo import CHANCE
+    from recipes.llava.demo import report
     from recipes.vlm.merge import merge_run
 
     start = time.perf_counter()
@@ -80,19 +80,7 @@ def finish(root: Path, run: Optional[Path] = None) -> dict:
     merge_run(run, run / "merged")
     before = answer_and_score(root / "model", root, root, "before")
     after = answer_and_score(run / "merged", root, run, "after")
-    summary = json.loads((run / "train_summary.json").read_text())
-    print()
-    print(f"{'held-out accuracy (VQA metric)':<32} {'before':>8} {'after':>8}")
-    print(f"{'all questions':<32} {before['score'] / 100:>8.3f} {after['score'] / 100:>8.3f}")
-    print(f"{'chance':<32} {CHANCE:>8.3f}")
-    print(f"training: {summary['steps']} steps, loss {summary['losses'][0]:.3f} -> {summary['losses'][-1]:.3f}, "
-          f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters trained")
-    result = {"before": round(before["score"] / 100, 4), "after": round(after["score"] / 100, 4),
-              "chance": round(CHANCE, 4), "steps": summary["steps"], "final_loss": round(summary["losses"][-1], 4),
-              "questions": after["coverage"]["expected"], "adapter": str(run / "adapter"),
-              "merged_model": str(run / "merged"), "evaluation_seconds": round(time.perf_counter() - start, 1)}
-    print(json.dumps(result), flush=True)
-    return result
+    return report(before, after, run, start)
 
 
 def main(argv=None) -> int:
